@@ -1,0 +1,453 @@
+"""VirtualKVCache: the public face of the memory library.
+
+    alloc_slot / free     which slot a request owns (best fit over still-mapped pages)
+    ensure / prepare      how many tokens a slot must hold: now (blocking) or next step (background)
+    kv / kv_flat          the virtual tensors, plain strided torch views, built once
+    stats / trim / close  what is mapped, give memory back, tear down
+
+One lock guards every slot and the pool. Planning (which handles go where, which slot gives up
+pages) happens under it; driver calls happen outside it, on a job whose slot is marked inflight.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from .drivers import make_driver
+from .drivers.base import Driver, DriverError
+from .mapper import BackgroundMapper
+from .pool import PagePool
+from .slots import MapJob, Slot, Unmap, pick_slot, pick_victims
+from .spec import KVCacheSpec, KVLayout
+from .stats import CacheStats, MapCounters
+
+
+class VirtualKVCache:
+    """KV tensors reserved once in virtual memory; physical pages mapped as slots grow.
+
+    memory_budget_bytes  physical memory the cache may map (None: everything the slots could
+                         ever hold, capped by what the device has free)
+    page_size            bytes per page (None: the driver's granularity, 2 MiB on CUDA)
+    prealloc             create every page of the budget now, so growth only maps
+    eager_cushion_groups page groups the background mapper keeps mapped beyond each slot's length;
+                         taken only from free pages, and reclaimed first when memory is short
+    """
+
+    def __init__(self, spec: KVCacheSpec, device: str | torch.device = "cpu",
+                 memory_budget_bytes: int | None = None, page_size: int | None = None,
+                 prealloc: bool = True, eager_cushion_groups: int = 1, driver: Driver | None = None):
+        if eager_cushion_groups < 0:
+            raise ValueError(f"eager_cushion_groups must be >= 0, got {eager_cushion_groups}")
+        self.spec = spec
+        self.driver = driver if driver is not None else make_driver(device, page_size)
+        self.layout = KVLayout(spec, self.driver.page_size)
+        self.page_size = self.driver.page_size
+        self.slot_stride_tokens = self.layout.slot_stride_tokens
+        self.eager_cushion_groups = eager_cushion_groups
+        group_bytes = self.layout.num_tensors * self.page_size
+        if memory_budget_bytes is None:
+            memory_budget_bytes = _default_budget(self.driver, self.layout)
+        num_pages = memory_budget_bytes // self.page_size // self.layout.num_tensors * self.layout.num_tensors
+        if num_pages == 0:
+            raise ValueError(f"memory_budget_bytes={memory_budget_bytes} cannot hold one page group "
+                             f"({group_bytes} bytes = {self.layout.num_tensors} pages of "
+                             f"{self.page_size}); raise the budget or use layout='cross_layer'")
+        self._lock = threading.Condition()
+        self._slots = [Slot(i) for i in range(spec.max_seqs)]
+        self._counters = MapCounters()
+        self._pending: dict[int, int] = {}  # slot -> tokens to map in the background (FIFO)
+        self._num_background_jobs = 0  # jobs the mapper thread is executing now
+        self._error: BaseException | None = None  # raised by the mapper, re-raised to the caller
+        self._mapper: BackgroundMapper | None = None  # started on first background work
+        self._mapper_dead = False
+        self._stopping = False
+        self._closed = False
+        self._lost: list[tuple[int, Any]] = []  # (addr, handle) a failed unmap left mapped; retried at close
+        self._base = self.driver.reserve(self.layout.reservation_bytes)
+        try:
+            self._pool = PagePool(self.driver, num_pages, prealloc)
+        except BaseException:
+            self.driver.free_reservation(self._base, self.layout.reservation_bytes)
+            raise
+        self._views = [self._make_views(layer) for layer in range(spec.num_layers)]
+
+    # ---- slots ------------------------------------------------------------------------------
+
+    def alloc_slot(self, num_tokens: int | None = None) -> int | None:
+        """A free slot, or None when every slot is busy. With `num_tokens`, the free slot whose
+        still-mapped pages fit it best (deferred reclamation: its pages are reused as they are)."""
+        with self._lock:
+            self._check_open()
+            want = self.layout.groups_for(num_tokens) if num_tokens is not None else None
+            slot = pick_slot(self._slots, want)
+            if slot is None:
+                return None
+            slot.busy, slot.num_tokens, slot.reserved_groups = True, 0, 0
+            return slot.index
+
+    def free(self, slot: int) -> None:
+        """Release a slot. Its pages stay mapped for the next user until memory is short."""
+        fence = self.driver.fence()  # device work issued so far may still read these pages
+        with self._lock:
+            s = self._busy_slot(slot)
+            s.busy, s.num_tokens, s.reserved_groups, s.fence = False, 0, 0, fence
+            self._pending.pop(slot, None)
+
+    # ---- growth -----------------------------------------------------------------------------
+
+    def ensure(self, slot: int, num_tokens: int) -> bool:
+        """Make tokens [0, num_tokens) of `slot` backed by memory, mapping now if the background
+        mapper has not. False (nothing changed) when the budget cannot cover it."""
+        with self._lock:
+            self._check_open()
+            self._raise_mapper_error()
+            s = self._busy_slot(slot)
+            self._check_length(num_tokens)
+            want = self.layout.groups_for(num_tokens)
+            start = time.perf_counter()
+            while s.inflight:
+                self._lock.wait()
+            self._counters.wait_seconds += time.perf_counter() - start
+            self._raise_mapper_error()
+            job = None
+            if len(s.groups) < want:
+                job = self._plan(s, want, cushion=0, background=False)
+                if job is None:
+                    return False
+            s.reserved_groups = max(s.reserved_groups, want)
+        if job is not None:
+            self._execute(job)
+        with self._lock:
+            s.num_tokens = num_tokens
+            if self.eager_cushion_groups and len(s.groups) < want + self.eager_cushion_groups:
+                self._queue_background(slot, num_tokens)
+        return True
+
+    def prepare(self, lengths_by_slot: dict[int, int]) -> None:
+        """Hand over the next step's lengths; returns at once while the mapper maps them.
+        The next ensure() of each slot then only waits for pages that are not mapped yet."""
+        with self._lock:
+            self._check_open()
+            self._raise_mapper_error()
+            for slot, num_tokens in lengths_by_slot.items():
+                s = self._busy_slot(slot)
+                self._check_length(num_tokens)
+                s.reserved_groups = max(s.reserved_groups, self.layout.groups_for(num_tokens))
+                self._queue_background(slot, num_tokens)
+
+    def wait(self) -> None:
+        """Block until every prepared length is mapped (or found not to fit); raise mapper errors."""
+        with self._lock:
+            while (self._pending or self._num_background_jobs) and self._error is None \
+                    and not self._mapper_dead:
+                self._lock.wait()
+            self._raise_mapper_error()
+
+    # ---- views ------------------------------------------------------------------------------
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s K and V, each [max_seqs, max_seq_len, H_kv, D], zero-copy strided views."""
+        return self._views[layer][0]
+
+    def kv_flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as [max_seqs * slot_stride_tokens, H_kv, D]: token t of slot s is row
+        s * slot_stride_tokens + t, the form varlen kernels index with cu_seqlens_k."""
+        return self._views[layer][1]
+
+    def _make_views(self, layer: int):
+        spec, lay = self.spec, self.layout
+        h, d = spec.num_kv_heads, spec.head_dim
+        token = lay.token_bytes // spec.itemsize  # elements from one token row to the next
+        slot = lay.slot_stride_tokens * token
+        out = []
+        for kv in (0, 1):
+            if spec.layout == "per_layer":
+                addr = self._base + lay.tensor_index(layer, kv) * lay.tensor_bytes
+            else:  # inside a token row: [num_layers, 2, H_kv, D]
+                addr = self._base + (2 * layer + kv) * h * d * spec.itemsize
+            view = self.driver.tensor(addr, (spec.max_seqs, spec.max_seq_len, h, d), spec.dtype,
+                                      (slot, token, d, 1))
+            flat = self.driver.tensor(addr, (spec.max_seqs * lay.slot_stride_tokens, h, d),
+                                      spec.dtype, (token, d, 1))
+            out.append((view, flat))
+        return (out[0][0], out[1][0]), (out[0][1], out[1][1])
+
+    # ---- accounting -------------------------------------------------------------------------
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            mapped = sum(len(s.groups) for s in self._slots) * self.layout.num_tensors + len(self._lost)
+            used = sum(s.num_tokens for s in self._slots if s.busy) * self.spec.bytes_per_token
+            return CacheStats(
+                page_size=self.page_size, pages_total=self._pool.num_pages, pages_mapped=mapped,
+                pages_free=self._pool.num_available, pages_created=self._pool.num_created,
+                bytes_mapped=mapped * self.page_size, bytes_used=used,
+                num_slots_busy=sum(s.busy for s in self._slots),
+                num_slots_idle_mapped=sum(1 for s in self._slots if not s.busy and s.groups),
+                counters=replace(self._counters))
+
+    def slot_capacity(self, slot: int) -> int:
+        """Tokens `slot` can hold with the pages it has mapped now."""
+        with self._lock:
+            return self.layout.tokens_in(len(self._slots[slot].groups))
+
+    def trim(self) -> int:
+        """Unmap every idle slot's pages and release all pooled pages; returns bytes released."""
+        with self._lock:
+            self._check_open()
+            while any(s.inflight for s in self._slots):
+                self._lock.wait()
+            for s in self._slots:
+                if not s.busy and s.groups:
+                    self._unmap_groups(Unmap(s, 0, s.groups, s.fence))
+                    self._pool.give([h for g in s.groups for h in g])
+                    s.groups = []
+            return self._pool.trim() * self.page_size
+
+    def close(self) -> None:
+        """Unmap and release everything and free the reservation. Views are invalid afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._stopping = True
+            self._lock.notify_all()
+        if self._mapper is not None:
+            self._mapper.join()
+        self.driver.wait(self.driver.fence())
+        errors: list[BaseException] = []
+        with self._lock:
+            self._closed = True
+            for s in self._slots:
+                try:
+                    self._unmap_groups(Unmap(s, 0, s.groups, None))
+                    self._pool.give([h for g in s.groups for h in g])
+                except DriverError as e:
+                    errors.append(e)
+                s.groups = []
+            for addr, handle in self._lost:
+                try:
+                    self.driver.unmap(addr)
+                except DriverError as e:
+                    errors.append(e)
+                self._pool.give([handle])  # released below even if still mapped: the driver frees it on unmap
+            self._lost.clear()
+            for step in (self._pool.close,
+                         lambda: self.driver.free_reservation(self._base, self.layout.reservation_bytes),
+                         self.driver.close):
+                try:
+                    step()
+                except DriverError as e:
+                    errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> VirtualKVCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- planning (under the lock) ----------------------------------------------------------
+
+    def _plan(self, s: Slot, want: int, cushion: int, background: bool) -> MapJob | None:
+        """Take handles for groups [len(s.groups), want) plus up to `cushion` more from free
+        pages, reclaiming other slots' groups for the required part if the pool is short.
+        None, with nothing changed, when the required part cannot be covered or nothing is needed."""
+        n = self.layout.num_tensors
+        have = len(s.groups)
+        required = max(0, want - have)
+        extra = max(0, min(want + cushion, self.layout.pages_per_slot) - max(have, want))
+        handles: list[Any] = []
+        unmaps: list[Unmap] = []
+        spare: list[Any] = []
+        if required:
+            deficit = required * n - self._pool.num_available
+            if deficit > 0:
+                victims = pick_victims(self._slots, s, -(-deficit // n))
+                if victims is None:
+                    return None
+                handles = self._pool.take(self._pool.num_available)
+                reclaimed: list[Any] = []
+                for victim, k in victims:
+                    first = len(victim.groups) - k
+                    unmaps.append(Unmap(victim, first, victim.groups[first:], victim.fence))
+                    reclaimed += [h for g in victim.groups[first:] for h in g]
+                    del victim.groups[first:]
+                    victim.inflight = True
+                handles += reclaimed[:deficit]
+                spare = reclaimed[deficit:]
+            else:
+                handles = self._pool.take(required * n)
+        if extra and self._pool.num_available >= extra * n:
+            handles += self._pool.take(extra * n)
+        elif not required:
+            return None
+        s.inflight = True
+        groups = [handles[i:i + n] for i in range(0, len(handles), n)]
+        return MapJob(s, have, groups, unmaps, spare, background)
+
+    def _queue_background(self, slot: int, num_tokens: int) -> None:
+        if self._mapper_dead:
+            return
+        self._pending[slot] = max(self._pending.get(slot, 0), num_tokens)
+        if self._mapper is None:
+            self._mapper = BackgroundMapper(self._next_background_job, self._execute,
+                                            self._on_mapper_error, self.driver.bind_thread)
+            self._mapper.start()
+        self._lock.notify_all()
+
+    def _next_background_job(self) -> MapJob | None:
+        """Called by the mapper thread: block until a pending slot needs mapping; None = stop."""
+        with self._lock:
+            while not self._stopping:
+                if not self._pending:
+                    self._lock.notify_all()  # wake wait(): everything prepared is done
+                    self._lock.wait()
+                    continue
+                slot = next(iter(self._pending))
+                num_tokens = self._pending.pop(slot)
+                s = self._slots[slot]
+                while s.inflight and not self._stopping:
+                    self._lock.wait()
+                if not s.busy or self._stopping:
+                    continue
+                job = self._plan(s, self.layout.groups_for(num_tokens), self.eager_cushion_groups,
+                                 background=True)
+                if job is not None:
+                    self._num_background_jobs += 1
+                    return job
+            return None
+
+    def _on_mapper_error(self, error: BaseException, fatal: bool) -> None:
+        with self._lock:
+            self._error = error
+            if fatal:
+                self._mapper_dead = True
+                self._pending.clear()
+            self._lock.notify_all()
+
+    # ---- execution (no lock held during driver calls) ---------------------------------------
+
+    def _execute(self, job: MapJob) -> None:
+        """Unmap reclaimed groups, map the new ones, grant access; on any failure undo this
+        job's mappings and return every handle, leaving the slot's earlier groups intact."""
+        lay, s = self.layout, job.slot
+        mapped: list[tuple[int, Any]] = []  # (addr, handle) this job has mapped so far
+        num_unmaps_done = 0
+        try:
+            for u in job.unmaps:
+                self._unmap_groups(u)
+                num_unmaps_done += 1
+                with self._lock:
+                    u.slot.inflight = False
+                    self._counters.pages_reclaimed += len(u.groups) * lay.num_tensors
+                    self._lock.notify_all()
+            start = time.perf_counter()
+            for i, group in enumerate(job.groups):
+                for tensor, handle in enumerate(group):
+                    addr = lay.page_addr(self._base, tensor, s.index, job.first_group + i)
+                    self.driver.map(addr, handle)
+                    mapped.append((addr, handle))
+            for tensor in range(lay.num_tensors):  # one call per contiguous run of new pages
+                addr = lay.page_addr(self._base, tensor, s.index, job.first_group)
+                self.driver.set_access(addr, len(job.groups) * self.page_size)
+            seconds = time.perf_counter() - start
+        except BaseException:
+            self._roll_back(job, mapped, num_unmaps_done)
+            raise
+        with self._lock:
+            s.groups.extend(job.groups)
+            self._pool.give(job.spare)
+            s.inflight = False
+            c = self._counters
+            if job.background:
+                c.pages_mapped_background += len(mapped)
+                c.map_seconds_background += seconds
+                self._num_background_jobs -= 1
+            else:
+                c.pages_mapped_critical += len(mapped)
+                c.map_seconds_critical += seconds
+            self._lock.notify_all()
+
+    def _roll_back(self, job: MapJob, mapped: list[tuple[int, Any]], num_unmaps_done: int) -> None:
+        """Undo a failed job. Victims it never reached get their groups back; pages a failed
+        unmap left mapped go to _lost (retried at close); every other handle returns to the pool."""
+        for addr, handle in reversed(mapped):
+            try:
+                self.driver.unmap(addr)
+            except DriverError:
+                with self._lock:
+                    self._lost.append((addr, handle))
+        with self._lock:
+            keep = {id(h) for _, h in self._lost}
+            for u in job.unmaps[num_unmaps_done + 1:]:
+                u.slot.groups.extend(u.groups)  # never unmapped: still where they were
+                keep |= {id(h) for g in u.groups for h in g}
+            for u in job.unmaps[num_unmaps_done:]:
+                u.slot.inflight = False
+            handles = [h for g in job.groups for h in g] + job.spare
+            self._pool.give([h for h in handles if id(h) not in keep])
+            job.slot.inflight = False
+            if job.background:
+                self._num_background_jobs -= 1
+            self._lock.notify_all()
+
+    def _unmap_groups(self, u: Unmap) -> None:
+        """Unmap a run of one slot's groups once the device is done with them. If a call fails,
+        the pages still mapped go to _lost and the error propagates."""
+        lay = self.layout
+        start = time.perf_counter()
+        self.driver.wait(u.fence)
+        pages = [(lay.page_addr(self._base, t, u.slot.index, u.first_group + i), h)
+                 for i, group in enumerate(u.groups) for t, h in enumerate(group)]
+        for done, (addr, _) in enumerate(pages):
+            try:
+                self.driver.unmap(addr)
+            except DriverError:
+                with self._lock:
+                    self._lost += pages[done:]
+                    self._counters.pages_unmapped += done
+                raise
+        with self._lock:
+            self._counters.pages_unmapped += len(pages)
+            self._counters.unmap_seconds += time.perf_counter() - start
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def _busy_slot(self, slot: int) -> Slot:
+        if not 0 <= slot < len(self._slots):
+            raise IndexError(f"slot {slot} out of range [0, {len(self._slots)})")
+        s = self._slots[slot]
+        if not s.busy:
+            raise ValueError(f"slot {slot} is not allocated; call alloc_slot() first")
+        return s
+
+    def _check_length(self, num_tokens: int) -> None:
+        if not 0 <= num_tokens <= self.spec.max_seq_len:
+            raise ValueError(f"num_tokens={num_tokens} is outside [0, max_seq_len="
+                             f"{self.spec.max_seq_len}]")
+
+    def _check_open(self) -> None:
+        if self._closed or self._stopping:
+            raise RuntimeError("the VirtualKVCache is closed")
+
+    def _raise_mapper_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _default_budget(driver: Driver, layout: KVLayout) -> int:
+    """Enough for every slot at max_seq_len, capped by free memory (90% on CUDA, 50% on host)."""
+    full = layout.reservation_bytes
+    if driver.name == "cuda":
+        free, _ = torch.cuda.mem_get_info(driver.device)
+        return min(full, int(free * 0.9))
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    return min(full, available // 2)

@@ -1,0 +1,80 @@
+"""Slots and map jobs: the bookkeeping the cache plans under its lock.
+
+A slot's mapped pages are always a prefix of page groups [0, len(groups)). Growth appends groups;
+reclamation takes groups off the tail. Whoever sets `inflight` owns the tail until it clears it,
+so the caller's thread and the background mapper never plan on the same slot at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Slot:
+    index: int  # position in the virtual tensors: base = index * slot_stride_bytes
+    busy: bool = False  # allocated to a request
+    num_tokens: int = 0  # tokens the owner says exist (what bytes_used counts)
+    reserved_groups: int = 0  # groups the owner asked for (ensure/prepare); never reclaimed while busy
+    groups: list[list[Any]] = field(default_factory=list)  # mapped groups: groups[g][tensor] = handle
+    inflight: bool = False  # a job owns the tail: plan nothing on this slot until it clears
+    fence: Any = None  # device work that last used the pages (recorded at free); wait before unmapping
+
+    @property
+    def excess_groups(self) -> int:
+        """Groups that may be reclaimed: all of an idle slot's, the cushion of a busy one."""
+        if self.inflight:
+            return 0
+        return len(self.groups) - (self.reserved_groups if self.busy else 0)
+
+
+@dataclass
+class Unmap:
+    """Groups taken off a victim slot's tail; unmapped before their handles are mapped elsewhere."""
+
+    slot: Slot
+    first_group: int  # the victim's group index of groups[0]
+    groups: list[list[Any]]  # [group][tensor] handles, still mapped at the victim's addresses
+    fence: Any  # wait on this before the first unmap
+
+
+@dataclass
+class MapJob:
+    """Everything one growth of one slot does with the driver, planned up front."""
+
+    slot: Slot
+    first_group: int  # group index the new groups start at (== len(slot.groups) when planned)
+    groups: list[list[Any]]  # [group][tensor] handles to map, in order
+    unmaps: list[Unmap]  # reclamation to do first
+    spare: list[Any]  # reclaimed handles beyond what the growth needs: back to the pool after unmap
+    background: bool  # executed by the mapper thread (counts as hidden), else on the critical path
+
+
+def pick_slot(slots: list[Slot], want_groups: int | None) -> Slot | None:
+    """Best fit among free slots: the fewest mapped groups that still cover `want_groups`;
+    failing that, the most mapped groups (the fewest new mappings). None when all are busy."""
+    free = [s for s in slots if not s.busy]
+    if not free:
+        return None
+    if want_groups is not None:
+        fits = [s for s in free if len(s.groups) >= want_groups]
+        if fits:
+            return min(fits, key=lambda s: (len(s.groups), s.index))
+    return max(free, key=lambda s: (len(s.groups), -s.index))
+
+
+def pick_victims(slots: list[Slot], exclude: Slot, num_groups: int) -> list[tuple[Slot, int]] | None:
+    """(slot, groups to take) covering `num_groups`: idle slots first, then busy slots' cushions,
+    largest first. None, choosing nothing, when all reclaimable groups together fall short."""
+    candidates = [s for s in slots if s is not exclude and s.excess_groups > 0]
+    candidates.sort(key=lambda s: (s.busy, -s.excess_groups, s.index))
+    chosen: list[tuple[Slot, int]] = []
+    remaining = num_groups
+    for s in candidates:
+        if remaining == 0:
+            break
+        take = min(s.excess_groups, remaining)
+        chosen.append((s, take))
+        remaining -= take
+    return chosen if remaining == 0 else None

@@ -115,10 +115,14 @@ class VirtualKVCache:
             self._counters.wait_seconds += time.perf_counter() - start
             self._raise_mapper_error()
             job = None
-            if len(s.groups) < want:
+            while len(s.groups) < want:
                 job = self._plan(s, want, cushion=0, background=False)
-                if job is None:
+                if job is not None:
+                    break
+                if not self._num_background_jobs:
                     return False
+                self._lock.wait()  # pages held by in-flight background jobs become reclaimable
+                self._raise_mapper_error()
             s.reserved_groups = max(s.reserved_groups, want)
         if job is not None:
             self._execute(job)

@@ -32,6 +32,9 @@ class Driver(Protocol):
     name: str
     granularity: int  # bytes of the smallest mappable page
     page_size: int  # bytes per page this driver instance creates and maps (a multiple of granularity)
+    num_live_handles: int  # pages created and not yet released: leak checks read these three
+    num_live_mappings: int  # pages mapped and not yet unmapped
+    num_live_reservations: int  # reservations not yet freed
 
     def reserve(self, nbytes: int) -> int:
         """Reserve `nbytes` of virtual address space (page aligned); nothing is mapped."""

@@ -12,6 +12,7 @@ context current with `bind_thread` before its first call.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -73,6 +74,10 @@ class CudaDriver:
                                                prop, cu.CUmemAllocationGranularity_flags
                                                .CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
         self.page_size = page_size or self.granularity
+        self._counter_lock = threading.Lock()
+        self.num_live_handles = 0  # pages created and not yet released (leak checks)
+        self.num_live_mappings = 0  # pages mapped and not yet unmapped
+        self.num_live_reservations = 0
         if self.page_size % self.granularity:
             raise ValueError(f"CUDA page_size must be a multiple of the driver granularity "
                              f"({self.granularity} bytes), got {self.page_size}")
@@ -91,25 +96,32 @@ class CudaDriver:
     def reserve(self, nbytes: int) -> int:
         ptr = self._check("cuMemAddressReserve", self._cu.cuMemAddressReserve(nbytes, self.page_size, 0, 0),
                           hint=f"reserving {nbytes} bytes of address space")
+        self._count("num_live_reservations", 1)
         return int(ptr)
 
     def free_reservation(self, addr: int, nbytes: int) -> None:
         self._check("cuMemAddressFree", self._cu.cuMemAddressFree(addr, nbytes), addr)
+        self._count("num_live_reservations", -1)
 
     def create(self) -> Any:
-        return self._check("cuMemCreate", self._cu.cuMemCreate(self.page_size, self._prop, 0))
+        handle = self._check("cuMemCreate", self._cu.cuMemCreate(self.page_size, self._prop, 0))
+        self._count("num_live_handles", 1)
+        return handle
 
     def release(self, handle: Any) -> None:
         self._check("cuMemRelease", self._cu.cuMemRelease(handle))
+        self._count("num_live_handles", -1)
 
     def map(self, addr: int, handle: Any) -> None:
         self._check("cuMemMap", self._cu.cuMemMap(addr, self.page_size, 0, handle, 0), addr)
+        self._count("num_live_mappings", 1)
 
     def set_access(self, addr: int, nbytes: int) -> None:
         self._check("cuMemSetAccess", self._cu.cuMemSetAccess(addr, nbytes, self._access, 1), addr)
 
     def unmap(self, addr: int) -> None:
         self._check("cuMemUnmap", self._cu.cuMemUnmap(addr, self.page_size), addr)
+        self._count("num_live_mappings", -1)
 
     def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype,
                strides: tuple[int, ...]) -> torch.Tensor:
@@ -134,3 +146,7 @@ class CudaDriver:
 
     def close(self) -> None:
         pass
+
+    def _count(self, name: str, delta: int) -> None:
+        with self._counter_lock:
+            setattr(self, name, getattr(self, name) + delta)

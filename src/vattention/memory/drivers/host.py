@@ -79,6 +79,10 @@ class HostDriver:
         self.num_live_mappings = 0  # pages mapped and not yet unmapped
 
     @property
+    def num_live_reservations(self) -> int:
+        return len(self._reservations)
+
+    @property
     def fd(self) -> int:
         """The memfd behind every page; `os.fstat(fd).st_blocks` shows memory really held."""
         return self._fd

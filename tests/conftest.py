@@ -1,0 +1,105 @@
+"""Shared helpers for the memory tests: a host driver that fails on demand, and KV fill/check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vattention.memory import DriverError, HostDriver, KVCacheSpec, VirtualKVCache, make_driver
+
+SMALL_PAGE = 64 << 10  # the host driver accepts small pages; tests stay small and fast
+
+# The device-generic tests (layout, cache, properties) also run on the GPU with
+# VATTENTION_TEST_DEVICE=cuda, exercising the CudaDriver with 2 MiB pages.
+TEST_DEVICE = os.environ.get("VATTENTION_TEST_DEVICE", "cpu")
+on_cuda = TEST_DEVICE.startswith("cuda")
+
+
+def new_driver(host_page_size: int = SMALL_PAGE):
+    return make_driver(TEST_DEVICE) if on_cuda else HostDriver(host_page_size)
+
+
+class FaultyDriver:
+    """Wraps a real driver so its calls can be made to fail: fail_after[call] = n lets n calls
+    succeed, then every later call raises DriverError (until the entry is removed)."""
+
+    def __init__(self, inner=None):
+        self.inner = inner or new_driver()
+        self.fail_after: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _maybe_fail(self, call: str, addr: int | None = None) -> None:
+        self.calls[call] = self.calls.get(call, 0) + 1
+        if call in self.fail_after and self.calls[call] > self.fail_after[call]:
+            raise DriverError(call, "injected failure", addr)
+
+    def map(self, addr, handle):
+        self._maybe_fail("map", addr)
+        self.inner.map(addr, handle)
+
+    def set_access(self, addr, nbytes):
+        self._maybe_fail("set_access", addr)
+        self.inner.set_access(addr, nbytes)
+
+    def unmap(self, addr):
+        self._maybe_fail("unmap", addr)
+        self.inner.unmap(addr)
+
+    def bind_thread(self):
+        self._maybe_fail("bind_thread")
+        self.inner.bind_thread()
+
+
+def small_spec(layout: str = "cross_layer", **overrides) -> KVCacheSpec:
+    """A spec with several page groups per slot: tiny heads on 64 KiB host pages, real heads
+    (8 x 128) on 2 MiB CUDA pages."""
+    heads, dim = (8, 128) if on_cuda else (2, 8)
+    fields = dict(num_layers=3, num_kv_heads=heads, head_dim=dim, dtype=torch.float32, max_seqs=4,
+                  max_seq_len=2000, layout=layout)
+    fields.update(overrides)
+    return KVCacheSpec(**fields)
+
+
+def make_cache(layout: str = "cross_layer", budget_pages: int | None = 64, driver=None,
+               spec: KVCacheSpec | None = None, **kwargs) -> VirtualKVCache:
+    spec = spec or small_spec(layout)
+    driver = driver or new_driver()
+    budget = None if budget_pages is None else budget_pages * driver.page_size
+    return VirtualKVCache(spec, driver=driver, memory_budget_bytes=budget, **kwargs)
+
+
+def token_values(tag: int, start: int, end: int, layer: int, kv: int, heads: int, dim: int):
+    """A pattern unique to (tag, token, layer, K/V, head, element): [end-start, heads, dim]."""
+    tokens = torch.arange(start, end, dtype=torch.float32)[:, None, None]
+    h = torch.arange(heads, dtype=torch.float32)[None, :, None]
+    d = torch.arange(dim, dtype=torch.float32)[None, None, :]
+    return tag * 1e6 + tokens * 100 + layer * 20 + kv * 10 + h * 3 + d * 0.25
+
+
+def fill(cache: VirtualKVCache, slot: int, tag: int, start: int, end: int) -> None:
+    s = cache.spec
+    for layer in range(s.num_layers):
+        for kv, t in enumerate(cache.kv(layer)):
+            t[slot, start:end] = token_values(tag, start, end, layer, kv, s.num_kv_heads, s.head_dim)
+
+
+def check(cache: VirtualKVCache, slot: int, tag: int, end: int) -> None:
+    s = cache.spec
+    for layer in range(s.num_layers):
+        for kv, t in enumerate(cache.kv(layer)):
+            want = token_values(tag, 0, end, layer, kv, s.num_kv_heads, s.head_dim)
+            got = t[slot, :end].cpu()
+            bad = (got != want).nonzero()
+            assert bad.numel() == 0, (f"slot {slot} layer {layer} kv {kv}: {bad.shape[0]} wrong "
+                                      f"values, first at {bad[0].tolist()}: {got[tuple(bad[0])]} "
+                                      f"!= {want[tuple(bad[0])]}")
+
+
+@pytest.fixture(params=["cross_layer", "per_layer"])
+def layout(request) -> str:
+    return request.param

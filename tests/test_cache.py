@@ -1,0 +1,257 @@
+"""VirtualKVCache behaviour: slots, budget, reclamation, overlap, and failures that leak nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from vattention.memory import DriverError, VirtualKVCache
+
+from conftest import FaultyDriver, check, fill, make_cache, small_spec
+
+
+def assert_balanced(cache: VirtualKVCache) -> None:
+    """Pages mapped per the cache == live mappings per the driver; pool + mapped == budget."""
+    st = cache.stats()
+    assert st.pages_mapped == cache.driver.num_live_mappings, (st, cache.driver.num_live_mappings)
+    assert st.pages_mapped + st.pages_free == st.pages_total, st
+    assert cache._pool.num_taken == st.pages_mapped
+
+
+def test_alloc_slot_returns_none_when_all_busy():
+    with make_cache() as cache:
+        slots = [cache.alloc_slot() for _ in range(cache.spec.max_seqs)]
+        assert sorted(slots) == list(range(cache.spec.max_seqs))
+        assert cache.alloc_slot() is None
+        cache.free(slots[2])
+        assert cache.alloc_slot() == slots[2]
+
+
+def test_out_of_budget_returns_false_and_cache_stays_usable(layout):
+    """A growth the budget cannot cover returns False, maps nothing, and smaller ones still work."""
+    spec = small_spec(layout, max_seq_len=12000)
+    with make_cache(spec=spec, budget_pages=None) as probe:
+        half = probe.layout.pages_per_slot // 2 * probe.layout.num_tensors
+    with make_cache(spec=spec, budget_pages=half, eager_cushion_groups=0) as cache:
+        a = cache.alloc_slot()
+        assert cache.ensure(a, 100)
+        fill(cache, a, 1, 0, 100)
+        before = cache.stats()
+        assert cache.ensure(a, cache.spec.max_seq_len) is False
+        after = cache.stats()
+        assert after.pages_mapped == before.pages_mapped and after.bytes_used == before.bytes_used
+        check(cache, a, 1, 100)
+        b = cache.alloc_slot()
+        assert cache.ensure(b, 50)
+        assert_balanced(cache)
+
+
+def test_free_keeps_pages_and_best_fit_reuses_them():
+    """Deferred reclamation: a freed slot keeps its pages; alloc_slot(n) picks the free slot
+    whose pages fit n best, so no new mapping is needed."""
+    with make_cache(budget_pages=None, eager_cushion_groups=0) as cache:
+        per_group = cache.layout.tokens_in(1)
+        sizes = {cache.alloc_slot(): g * per_group for g in (1, 4, 2)}
+        for slot, n in sizes.items():
+            assert cache.ensure(slot, n)
+        for slot in sizes:
+            cache.free(slot)
+        assert cache.stats().num_slots_idle_mapped == 3
+        mapped = cache.stats().counters.pages_mapped_critical
+        slot = cache.alloc_slot(num_tokens=2 * per_group - 5)
+        assert sizes[slot] == 2 * per_group  # not the 4-group slot, not the too-small 1-group one
+        assert cache.ensure(slot, 2 * per_group - 5)
+        assert cache.stats().counters.pages_mapped_critical == mapped
+
+
+def test_reclaims_idle_slots_when_pool_is_short(layout):
+    """Growth takes pages from idle slots (largest first) once the pool is empty, and only then."""
+    spec = small_spec(layout, max_seq_len=12000)
+    with make_cache(spec=spec, budget_pages=None, eager_cushion_groups=0) as probe:
+        groups = probe.layout.pages_per_slot
+        n = probe.layout.num_tensors
+    with make_cache(spec=spec, budget_pages=groups * n, eager_cushion_groups=0) as cache:
+        full = spec.max_seq_len
+        idle = [cache.alloc_slot() for _ in range(2)]
+        assert cache.ensure(idle[0], full // 2) and cache.ensure(idle[1], full // 4)
+        for slot in idle:
+            cache.free(slot)
+        a = cache.alloc_slot(num_tokens=1)  # best fit: the smaller idle slot
+        assert a == idle[1]
+        assert cache.ensure(a, full)  # needs every page: reclaims the other idle slot's pages
+        st = cache.stats()
+        assert st.counters.pages_reclaimed > 0 and st.pages_free == 0
+        assert cache.slot_capacity(idle[0]) == 0
+        assert_balanced(cache)
+
+
+def test_busy_slots_are_never_reclaimed(layout):
+    with make_cache(layout, budget_pages=None, eager_cushion_groups=0) as probe:
+        n, need = probe.layout.num_tensors, probe.layout.groups_for(1000)
+    with make_cache(layout, budget_pages=2 * need * n, eager_cushion_groups=0) as cache:
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        assert cache.ensure(a, 1000)
+        fill(cache, a, 7, 0, 1000)
+        assert cache.ensure(b, 1000)
+        assert cache.ensure(b, 2000) is False  # only a's pages could cover it, and a is busy
+        check(cache, a, 7, 1000)
+
+
+def test_prepare_maps_in_background_and_ensure_then_maps_nothing(layout):
+    """The overlap path: prepare() returns at once, the mapper maps, ensure() finds pages ready."""
+    with make_cache(layout, budget_pages=None, eager_cushion_groups=0) as cache:
+        slots = [cache.alloc_slot() for _ in range(3)]
+        for length in (100, 700, 1500, 2000):
+            cache.prepare({s: length for s in slots})
+            cache.wait()
+            for s in slots:
+                assert cache.ensure(s, length)
+                fill(cache, s, s, 0, length)
+        c = cache.stats().counters
+        assert c.pages_mapped_background > 0
+        assert c.pages_mapped_critical == 0, c
+        for s in slots:
+            check(cache, s, s, 2000)
+        assert_balanced(cache)
+
+
+def test_ensure_waits_for_inflight_background_work(layout):
+    """ensure() right after prepare() (no wait) is correct whether or not the mapper got there
+    first, and never maps a page twice."""
+    with make_cache(layout, budget_pages=None, eager_cushion_groups=1) as cache:
+        slots = [cache.alloc_slot() for _ in range(4)]
+        previous = 0
+        for length in range(50, 2001, 150):
+            cache.prepare({s: length for s in slots})
+            for s in slots:
+                assert cache.ensure(s, length)
+                fill(cache, s, s, previous, length)
+            previous = length
+        cache.wait()
+        for s in slots:
+            check(cache, s, s, previous)
+        assert_balanced(cache)
+
+
+def test_eager_cushion_keeps_a_group_ahead():
+    with make_cache(budget_pages=None, eager_cushion_groups=2) as cache:
+        s = cache.alloc_slot()
+        assert cache.ensure(s, 10)
+        cache.wait()
+        assert cache.slot_capacity(s) >= cache.layout.tokens_in(3)
+
+
+def test_failed_map_mid_growth_leaks_nothing_and_keeps_earlier_pages(layout):
+    """A driver error in the middle of a growth raises, unmaps what that growth mapped, returns
+    every handle, and leaves the slot's earlier pages and data intact."""
+    driver = FaultyDriver()
+    with make_cache(layout, budget_pages=None, driver=driver, eager_cushion_groups=0) as cache:
+        s = cache.alloc_slot()
+        assert cache.ensure(s, 300)
+        fill(cache, s, 5, 0, 300)
+        before = cache.stats()
+        driver.fail_after["map"] = driver.calls["map"] + 3  # fail on the 4th map of the next growth
+        with pytest.raises(DriverError, match="map.*injected failure"):
+            cache.ensure(s, 1900)
+        after = cache.stats()
+        assert after.pages_mapped == before.pages_mapped and after.pages_free == before.pages_free
+        assert driver.num_live_mappings == before.pages_mapped
+        check(cache, s, 5, 300)
+        del driver.fail_after["map"]
+        assert cache.ensure(s, 1900)  # the cache is still usable
+        fill(cache, s, 5, 300, 1900)
+        check(cache, s, 5, 1900)
+        assert_balanced(cache)
+    assert driver.num_live_handles == 0 and driver.num_live_mappings == 0
+
+
+def test_failed_set_access_rolls_back_the_whole_growth():
+    driver = FaultyDriver()
+    with make_cache("per_layer", budget_pages=None, driver=driver, eager_cushion_groups=0) as cache:
+        s = cache.alloc_slot()
+        assert cache.ensure(s, 10)
+        before = cache.stats().pages_mapped
+        driver.fail_after["set_access"] = driver.calls["set_access"] + 2
+        with pytest.raises(DriverError, match="set_access"):
+            cache.ensure(s, 1500)
+        assert cache.stats().pages_mapped == before == driver.num_live_mappings
+        assert_balanced(cache)
+
+
+def test_failed_reclamation_unmap_leaks_no_page():
+    """An unmap that fails while reclaiming an idle slot: the error surfaces, the page stays
+    accounted (and is released at close), and nothing else is lost."""
+    driver = FaultyDriver()
+    spec = small_spec("cross_layer", max_seq_len=12000)
+    with make_cache(spec=spec, budget_pages=None, eager_cushion_groups=0) as probe:
+        groups = probe.layout.pages_per_slot
+    cache = make_cache(spec=spec, budget_pages=groups, driver=driver, eager_cushion_groups=0)
+    idle, a = cache.alloc_slot(), cache.alloc_slot()
+    assert cache.ensure(idle, 6000)
+    cache.free(idle)
+    driver.fail_after["unmap"] = driver.calls.get("unmap", 0) + 2
+    with pytest.raises(DriverError, match="unmap"):
+        cache.ensure(a, 12000)
+    assert_balanced(cache)
+    del driver.fail_after["unmap"]
+    cache.close()
+    assert driver.num_live_handles == 0 and driver.num_live_mappings == 0
+
+
+def test_background_error_surfaces_to_the_caller():
+    """A driver error inside the mapper thread is raised by the next wait(), not swallowed."""
+    driver = FaultyDriver()
+    with make_cache(budget_pages=None, driver=driver, eager_cushion_groups=0) as cache:
+        s = cache.alloc_slot()
+        driver.fail_after["map"] = 0
+        cache.prepare({s: 1000})
+        with pytest.raises(DriverError, match="injected failure"):
+            cache.wait()
+        del driver.fail_after["map"]
+        assert cache.ensure(s, 1000)
+        assert_balanced(cache)
+
+
+def test_mapper_thread_that_cannot_start_surfaces_and_does_not_hang():
+    driver = FaultyDriver()
+    driver.fail_after["bind_thread"] = 0
+    with make_cache(budget_pages=None, driver=driver) as cache:
+        s = cache.alloc_slot()
+        cache.prepare({s: 500})
+        with pytest.raises(DriverError, match="bind_thread"):
+            cache.wait()
+        cache.prepare({s: 900})  # no thread any more: prepare is a no-op, ensure maps itself
+        cache.wait()
+        assert cache.ensure(s, 900)
+
+
+def test_bad_arguments_raise_clear_errors():
+    with make_cache() as cache:
+        with pytest.raises(ValueError, match="not allocated"):
+            cache.ensure(0, 10)
+        s = cache.alloc_slot()
+        with pytest.raises(ValueError, match="max_seq_len"):
+            cache.ensure(s, cache.spec.max_seq_len + 1)
+        with pytest.raises(IndexError, match="out of range"):
+            cache.free(99)
+        cache.free(s)
+        with pytest.raises(ValueError, match="not allocated"):
+            cache.free(s)
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.alloc_slot()
+    cache.close()  # idempotent
+
+
+def test_stats_account_used_and_mapped_bytes(layout):
+    with make_cache(layout, budget_pages=None, eager_cushion_groups=0) as cache:
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        assert cache.ensure(a, 123) and cache.ensure(b, 456)
+        st = cache.stats()
+        assert st.bytes_used == (123 + 456) * cache.spec.bytes_per_token
+        lay = cache.layout
+        assert st.pages_mapped == (lay.groups_for(123) + lay.groups_for(456)) * lay.num_tensors
+        assert st.bytes_mapped == st.pages_mapped * cache.page_size
+        assert st.bytes_wasted == st.bytes_mapped - st.bytes_used >= 0
+        assert "MiB used" in st.summary()
+        cache.free(a)
+        assert cache.stats().bytes_used == 456 * cache.spec.bytes_per_token
+        assert cache.stats().num_slots_idle_mapped == 1

@@ -6,7 +6,7 @@ import pytest
 
 from vattention.memory import DriverError, VirtualKVCache
 
-from conftest import FaultyDriver, check, fill, make_cache, small_spec
+from conftest import FaultyDriver, check, fill, make_cache, new_driver, on_cuda, small_spec
 
 
 def assert_balanced(cache: VirtualKVCache) -> None:
@@ -255,3 +255,32 @@ def test_stats_account_used_and_mapped_bytes(layout):
         cache.free(a)
         assert cache.stats().bytes_used == 456 * cache.spec.bytes_per_token
         assert cache.stats().num_slots_idle_mapped == 1
+
+
+@pytest.mark.skipif(on_cuda, reason="2 MiB CUDA pages hold many tokens; only host pages can be "
+                                     "smaller than one token")
+def test_eager_cushion_covers_the_next_token_even_when_a_page_holds_less_than_one():
+    """With pages smaller than a token (several groups per token), the background still maps
+    the whole next token, so a decode loop of ensure() calls maps nothing on the critical path
+    after the first."""
+    spec = small_spec("cross_layer", num_kv_heads=8, head_dim=64)
+    with make_cache(spec=spec, budget_pages=None, driver=new_driver(4096),
+                    eager_cushion_groups=1) as cache:
+        assert cache.layout.token_bytes > cache.page_size
+        s = cache.alloc_slot()
+        assert cache.ensure(s, 10)
+        critical = cache.stats().counters.pages_mapped_critical
+        for n in range(11, 60):
+            cache.wait()
+            assert cache.slot_capacity(s) >= n
+            assert cache.ensure(s, n)
+        assert cache.stats().counters.pages_mapped_critical == critical
+
+
+def test_no_wait_time_is_counted_without_background_work():
+    with make_cache(budget_pages=None, eager_cushion_groups=0) as cache:
+        s = cache.alloc_slot()
+        for n in range(1, 2000, 37):
+            assert cache.ensure(s, n)
+        c = cache.stats().counters
+        assert c.wait_seconds == 0 and c.pages_mapped_background == 0

@@ -141,3 +141,14 @@ def test_page_handles_are_shared_memory_between_mappings():
     d.free_reservation(addr, 2 * SMALL_PAGE)
     assert d.num_live_handles == 0 and d.num_live_mappings == 0
     d.close()
+
+
+def test_budget_beyond_the_process_mapping_limit_is_refused_up_front():
+    """Each host page is one kernel mapping; a budget that would exceed vm.max_map_count is a
+    clear error at construction, not an ENOMEM in the middle of serving."""
+    from vattention.memory import VirtualKVCache
+
+    from conftest import small_spec
+    driver = HostDriver(4096)
+    with pytest.raises(ValueError, match="max_map_count"):
+        VirtualKVCache(small_spec(), driver=driver, memory_budget_bytes=(driver.max_mappings + 10) * 4096)

@@ -53,6 +53,11 @@ class VirtualKVCache:
         if memory_budget_bytes is None:
             memory_budget_bytes = _default_budget(self.driver, self.layout)
         num_pages = memory_budget_bytes // self.page_size // self.layout.num_tensors * self.layout.num_tensors
+        max_pages = getattr(self.driver, "max_mappings", None)
+        if max_pages is not None and num_pages > max_pages:
+            raise ValueError(f"{num_pages} pages of {self.page_size} bytes exceed the {max_pages} "
+                             f"mappings this process may still make (vm.max_map_count); use a "
+                             f"larger page_size or a smaller memory_budget_bytes")
         if num_pages == 0:
             raise ValueError(f"memory_budget_bytes={memory_budget_bytes} cannot hold one page group "
                              f"({group_bytes} bytes = {self.layout.num_tensors} pages of "
@@ -109,11 +114,12 @@ class VirtualKVCache:
             s = self._busy_slot(slot)
             self._check_length(num_tokens)
             want = self.layout.groups_for(num_tokens)
-            start = time.perf_counter()
-            while s.inflight:
-                self._lock.wait()
-            self._counters.wait_seconds += time.perf_counter() - start
-            self._raise_mapper_error()
+            if s.inflight:
+                start = time.perf_counter()
+                while s.inflight:
+                    self._lock.wait()
+                self._counters.wait_seconds += time.perf_counter() - start
+                self._raise_mapper_error()
             job = None
             while len(s.groups) < want:
                 job = self._plan(s, want, cushion=0, background=False)
@@ -128,8 +134,12 @@ class VirtualKVCache:
             self._execute(job)
         with self._lock:
             s.num_tokens = num_tokens
-            if self.eager_cushion_groups and len(s.groups) < want + self.eager_cushion_groups:
-                self._queue_background(slot, num_tokens)
+            # Eager cushion: map ahead for the next token (a page may hold less than one token)
+            # plus the cushion, in the background, so the next ensure() finds its pages ready.
+            following = min(num_tokens + 1, self.spec.max_seq_len)
+            if self.eager_cushion_groups and \
+                    len(s.groups) < self.layout.groups_for(following) + self.eager_cushion_groups:
+                self._queue_background(slot, following)
         return True
 
     def prepare(self, lengths_by_slot: dict[int, int]) -> None:

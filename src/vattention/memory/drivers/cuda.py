@@ -125,7 +125,7 @@ class CudaDriver:
 
     def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype,
                strides: tuple[int, ...]) -> torch.Tensor:
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         carrier = _CudaArray(addr, shape, _TYPESTR[dtype], tuple(s * itemsize for s in strides))
         t = torch.as_tensor(carrier, device=self.device)
         # The interface has no bfloat16; the bits are the same width, so reinterpret.

@@ -79,6 +79,16 @@ class HostDriver:
         self.num_live_mappings = 0  # pages mapped and not yet unmapped
 
     @property
+    def max_mappings(self) -> int:
+        """Pages this process can still map: each mapped page is one kernel mapping, and
+        vm.max_map_count caps a process's mappings (65530 by default); keep a tenth spare."""
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            in_use = sum(1 for _ in f)
+        return int(limit * 0.9) - in_use
+
+    @property
     def num_live_reservations(self) -> int:
         return len(self._reservations)
 
@@ -133,7 +143,9 @@ class HostDriver:
         self._check_aligned("map", addr, addr)
         got = _libc.mmap(addr, self.page_size, _PROT_NONE, _MAP_FIXED | _MAP_SHARED, self._fd, handle)
         if got != addr:
-            raise DriverError("mmap(MAP_FIXED|MAP_SHARED)", _errno_detail(), addr)
+            raise DriverError("mmap(MAP_FIXED|MAP_SHARED)", _errno_detail(), addr,
+                              hint="ENOMEM here usually means vm.max_map_count mappings; "
+                                   "use larger pages")
         with self._lock:
             self.num_live_mappings += 1
 
@@ -151,7 +163,7 @@ class HostDriver:
 
     def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype,
                strides: tuple[int, ...]) -> torch.Tensor:
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
         raw = (ctypes.c_char * max(span * itemsize, itemsize)).from_address(addr)
         flat = torch.frombuffer(raw, dtype=dtype)  # wraps the address; touches no page

@@ -1,16 +1,59 @@
-"""The `vattention` command line: `vattention demo`, `vattention bench memory`."""
+"""The `vattention` command line.
+
+  vattention generate "prompt" [sampling and engine options]   one answer, then a KV summary
+  vattention chat [engine options]                              interactive, with chat template
+  vattention demo                                               the memory library on its own
+  vattention bench memory [...]                                 benchmarks (tables + JSON)
+Engine and sampling options are generated from the config dataclasses (see --help).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .cli_args import add_dataclass_args, dataclass_values
+from .config import CacheConfig, ModelConfig, SchedulerConfig
+from .sampling_params import SamplingParams
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vattention", description=__doc__)
+ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)
+CHAT_SKIP = ("n", "logprobs")
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    for cls in ENGINE_CONFIGS:
+        add_dataclass_args(parser, cls)
+
+
+def _engine_kwargs(ns: argparse.Namespace) -> dict:
+    kwargs = {}
+    for cls in ENGINE_CONFIGS:
+        kwargs.update(dataclass_values(ns, cls))
+    return kwargs
+
+
+def _sampling(ns: argparse.Namespace, skip: tuple[str, ...] = ()) -> SamplingParams:
+    return SamplingParams(**dataclass_values(ns, SamplingParams, skip))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vattention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="map, write, read and free KV pages; print memory stats")
+    gen = sub.add_parser("generate", help="generate text for a prompt")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                     help="wrap the prompt as a user message in the model's chat template, if any")
+    add_dataclass_args(gen, SamplingParams)
+    _add_engine_args(gen)
+
+    chat = sub.add_parser("chat", help="talk to the model (empty line or Ctrl-D ends)")
+    chat.add_argument("--system", default=None, help="a system message")
+    add_dataclass_args(chat, SamplingParams, skip=CHAT_SKIP)
+    _add_engine_args(chat)
+
+    demo = sub.add_parser("demo", help="the memory library alone: map, write, read, free KV pages")
     demo.add_argument("--device", default="cpu", help="cpu (host driver) or cuda[:N]")
     demo.add_argument("--layout", default="cross_layer", choices=["cross_layer", "per_layer"])
     demo.add_argument("--page-size", type=int, default=None,
@@ -20,14 +63,64 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks (tables + JSON)")
     bench.add_argument("suite", choices=["memory"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    return parser
 
-    ns = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.command == "generate":
+            return _generate(ns)
+        if ns.command == "chat":
+            return _chat(ns)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"vattention {ns.command}: error: {e}", file=sys.stderr)
+        return 2
     if ns.command == "demo":
         from .demo import run_demo
         run_demo(ns.device, ns.layout, ns.page_size, ns.budget_mib)
     elif ns.command == "bench":
         from .bench.memory import main as bench_main
         return bench_main(ns.args)
+    return 0
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from .engine import LLM
+    params = _sampling(ns)
+    llm = LLM(**_engine_kwargs(ns))
+    tok = llm.tokenizer
+    if ns.chat_template and tok is not None and tok.has_chat_template:
+        outs = llm.chat([{"role": "user", "content": ns.prompt}], params)
+    else:
+        outs = llm.generate(ns.prompt, params)
+    for completion in outs[0].outputs:
+        if params.n > 1:
+            print(f"--- sample {completion.index} ({completion.finish_reason})")
+        print(completion.text)
+    print(llm.engine.memory_summary(), file=sys.stderr)
+    llm.close()
+    return 0
+
+
+def _chat(ns: argparse.Namespace) -> int:
+    from .engine import LLM
+    params = _sampling(ns, CHAT_SKIP)
+    llm = LLM(**_engine_kwargs(ns))
+    messages = [{"role": "system", "content": ns.system}] if ns.system else []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line or line in ("/exit", "/quit"):
+            break
+        messages.append({"role": "user", "content": line})
+        answer = llm.chat(messages, params)[0].outputs[0].text
+        messages.append({"role": "assistant", "content": answer})
+        print(answer)
+        print(llm.engine.memory_summary(), file=sys.stderr)
+    llm.close()
     return 0
 
 

@@ -1,0 +1,53 @@
+"""Build argparse options from the config dataclasses: one flag per field, its help text the
+field's comment in the source, so the CLI and the configs cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import typing
+
+_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field name: its trailing comment} read from the class source."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = _COMMENT.match(line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _scalar_type(annotation) -> type:
+    hints = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing))  # noqa: S307
+    args = [a for a in typing.get_args(hints) if a is not type(None)]
+    return args[0] if args else hints
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0]
+                                      if cls.__doc__ else None)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _scalar_type(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")
+        if typing.get_origin(kind) is list:
+            group.add_argument(flag, type=typing.get_args(kind)[0], nargs="*", default=default,
+                               help=help_text, dest=f.name)
+        elif kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=default, help=help_text, dest=f.name)
+
+
+def dataclass_values(ns: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict:
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.name not in skip}

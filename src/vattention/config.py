@@ -1,0 +1,99 @@
+"""Engine configuration: one dataclass per concern, every field defaulted and documented.
+The CLI (`vattention generate --help`) is generated from these fields and their comments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+KV_CACHE_MODES = ("vattention",)
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Which model runs, on which device, in which precision."""
+
+    model: str | None = None  # HF model directory or preset shape; None = the built-in SmolLM2-135M-Instruct
+    load_format: str = "auto"  # auto (safetensors) or dummy (random weights at the config's shapes)
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    max_model_len: int | None = None  # context length; None = the model's (capped by sliding window)
+    dummy_seed: int = 0  # seed of the random weights that --load-format dummy draws
+
+    def __post_init__(self):
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        return dev
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        dtype = DTYPES[self.dtype]
+        return dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+@dataclass
+class CacheConfig:
+    """How the KV cache is laid out and how much memory it may map."""
+
+    kv_cache: str = "vattention"  # KV cache design: vattention (virtual memory, demand-mapped pages)
+    layout: str = "cross_layer"  # vattention layout: cross_layer (one page for all layers) or per_layer
+    kv_cache_memory_gib: float | None = None  # KV budget; None = 90% of free GPU memory after the model (CPU: 4 GiB)
+    page_size: int | None = None  # bytes per page; None = driver granularity (2 MiB)
+    eager_cushion_groups: int = 1  # page groups mapped ahead of each sequence in the background
+    attention_backend: str = "auto"  # auto (flash on CUDA, sdpa on CPU), flash, sdpa, reference
+
+    def __post_init__(self):
+        if self.kv_cache not in KV_CACHE_MODES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {self.kv_cache!r}")
+        if self.layout not in ("cross_layer", "per_layer"):
+            raise ValueError(f"layout must be cross_layer or per_layer, got {self.layout!r}")
+        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
+            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+
+
+@dataclass
+class SchedulerConfig:
+    """How many sequences and tokens one step may batch."""
+
+    max_num_seqs: int = 64  # sequences running at once (KV slots)
+    max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs, one part per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """Route flat keyword arguments (as LLM(...) and the CLI take them) to their dataclass."""
+        parts = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        routed: dict[str, dict] = {name: {} for name in parts}
+        for key, value in kwargs.items():
+            owner = next((n for n, c in parts.items() if key in {f.name for f in fields(c)}), None)
+            if owner is None:
+                known = sorted(f.name for c in parts.values() for f in fields(c))
+                raise TypeError(f"unknown engine option {key!r}; known: {', '.join(known)}")
+            routed[owner][key] = value
+        return cls(**{name: parts[name](**routed[name]) for name in parts})

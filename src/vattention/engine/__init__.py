@@ -1,0 +1,12 @@
+"""The serving engine. Data flows one way:
+
+    LLM.generate ─> LLMEngine.step ─> Scheduler.schedule ─> SchedulerOutput
+        (asks the KV manager: can this request hold n more tokens?)
+    SchedulerOutput ─> ModelRunner.execute ─> model + attention backend ─> Sampler
+    sampled tokens ─> OutputProcessor (detokenize, stop rules) ─> RequestOutput ─> caller
+"""
+
+from .engine import LLMEngine
+from .llm import LLM
+
+__all__ = ["LLM", "LLMEngine"]

@@ -1,0 +1,179 @@
+"""LLMEngine: requests in, tokens out, one step at a time.
+
+    add_request ─> Scheduler.waiting
+    step():  Scheduler.schedule ─> ModelRunner.execute ─> OutputProcessor.append ─> RequestOutput
+The engine owns the model, tokenizer, KV manager, scheduler and runner; nothing below it
+imports it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from ..attention import make_backend
+from ..config import EngineConfig
+from ..memory import KVCacheSpec
+from ..models.loader import load_model, read_generation_eos
+from ..models.presets import PRESETS
+from ..outputs import RequestOutput
+from ..sampling import Sampler
+from ..sampling_params import SamplingParams
+from .kv_manager import VAttentionKVManager
+from .output_processor import OutputProcessor, make_request_output
+from .request import Request, RequestStatus
+from .runner import ModelRunner
+from .scheduler import Scheduler
+
+GIB = 1 << 30
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        mc, cc, sc = config.model, config.cache, config.scheduler
+        self.device = mc.torch_device()
+        self.dtype = mc.torch_dtype(self.device)
+        self.model_path = _resolve_model_path(mc.model)
+        self.model = load_model(self.model_path, mc.load_format, self.device, self.dtype, mc.dummy_seed)
+        arch = self.model.config
+        self.tokenizer = _load_tokenizer(self.model_path)
+        limits = [arch.max_position_embeddings, arch.sliding_window, mc.max_model_len]
+        self.max_model_len = min(x for x in limits if x)
+        self.eos_token_ids = set(arch.eos_token_ids) | read_generation_eos(Path(self.model_path))
+        if self.tokenizer is not None:
+            self.eos_token_ids |= self.tokenizer.eos_token_ids
+        spec = KVCacheSpec(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
+                           head_dim=arch.head_dim, dtype=self.dtype, max_seqs=sc.max_num_seqs,
+                           max_seq_len=self.max_model_len, layout=cc.layout)
+        self.kv = VAttentionKVManager(spec, self.device, self._kv_budget(spec), cc.page_size,
+                                      cc.eager_cushion_groups)
+        self.scheduler = Scheduler(self.kv, sc.max_num_seqs, sc.max_num_batched_tokens)
+        backend = make_backend(cc.attention_backend, arch.head_dim, self.device)
+        self.runner = ModelRunner(self.model, self.kv, backend, Sampler(), self.device,
+                                  sc.max_num_batched_tokens)
+        self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.max_request_tokens = min(self.max_model_len, self.kv.cache.layout.tokens_in(
+            self.kv.stats().pages_total // self.kv.cache.layout.num_tensors))
+        self._groups: dict[str, list[Request]] = {}  # request id -> its n samples
+        self._ids = itertools.count()
+        self.peak_bytes_used = 0  # most KV bytes holding tokens after any step
+        self.peak_bytes_mapped = 0  # most KV bytes mapped after any step
+
+    def _kv_budget(self, spec: KVCacheSpec) -> int:
+        gib = self.config.cache.kv_cache_memory_gib
+        if gib is not None:
+            return int(gib * GIB)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.9) - GIB  # leave room for activations and the allocator
+        return 4 * GIB
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its id. Bad input raises ValueError and
+        leaves the engine and other requests untouched."""
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids, text = self._tokenize(prompt)
+        room = self.max_request_tokens - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this engine can hold at most "
+                             f"{self.max_request_tokens - 1} prompt tokens (context {self.max_model_len})")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        max_tokens = min(params.max_tokens or room, room)
+        group = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            req = Request(f"{request_id}#{i}", prompt_ids, params, self.eos_token_ids, max_tokens,
+                          prompt=text, sample_index=i, generator=gen)
+            group.append(req)
+        for req in group:
+            self.scheduler.add(req)
+        self._groups[request_id] = group
+        return request_id
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass prompt token ids")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            ids, text = list(prompt), None
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids, text
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV memory."""
+        for req in self._groups.get(request_id, []):
+            if not req.finished:
+                self.scheduler.finish(req, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the current state of every request group that progressed."""
+        sched = self.scheduler.schedule()
+        sampled = self.runner.execute(sched) if sched.scheduled else {}
+        touched: dict[str, list[Request]] = {}
+        for item in sched.scheduled:
+            req = item.request
+            req.num_computed_tokens += item.num_new_tokens
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            reason = self.outputs.append(req, token)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+            group_id = req.request_id.rsplit("#", 1)[0]
+            touched[group_id] = self._groups[group_id]
+        stats = self.kv.stats()
+        self.peak_bytes_used = max(self.peak_bytes_used, stats.bytes_used)
+        self.peak_bytes_mapped = max(self.peak_bytes_mapped, stats.bytes_mapped)
+        results = [make_request_output(group) for group in touched.values()]
+        for result in results:
+            if result.finished:
+                del self._groups[result.request_id]
+        return results
+
+    def memory_summary(self) -> str:
+        """One line: peak KV bytes used vs mapped, and where the mappings happened."""
+        mib = 1 << 20
+        c = self.kv.stats().counters
+        util = self.peak_bytes_used / self.peak_bytes_mapped if self.peak_bytes_mapped else 1.0
+        return (f"KV cache ({self.config.cache.kv_cache}, {self.config.cache.layout}): peak "
+                f"{self.peak_bytes_used / mib:.2f} MiB used / {self.peak_bytes_mapped / mib:.2f} MiB "
+                f"mapped ({util:.0%}); pages mapped {c.pages_mapped_background} in background, "
+                f"{c.pages_mapped_critical} on the critical path")
+
+    def close(self) -> None:
+        self.kv.close()
+
+
+def _resolve_model_path(model: str | None) -> str:
+    if model is None:
+        from ..models.gguf_import import default_model_dir
+        return str(default_model_dir())
+    return model
+
+
+def _load_tokenizer(model_path: str):
+    if model_path in PRESETS or not (Path(model_path) / "tokenizer.json").is_file():
+        return None
+    from ..models.tokenizer import Tokenizer
+    return Tokenizer.from_dir(model_path)

@@ -1,0 +1,64 @@
+"""LLM: the offline Python API. `LLM(...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from ..config import EngineConfig
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .engine import LLMEngine
+
+
+class LLM:
+    """model=None runs the built-in SmolLM2-135M-Instruct; other options are EngineConfig fields."""
+
+    def __init__(self, model: str | None = None, kv_cache: str = "vattention", device: str = "auto",
+                 dtype: str = "auto", **kwargs):
+        config = EngineConfig.from_kwargs(model=model, kv_cache=kv_cache, device=device, dtype=dtype,
+                                          **kwargs)
+        self.engine = LLMEngine(config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except ValueError:
+            for request_id in ids:  # nothing half-submitted stays queued
+                self.engine.abort(request_id)
+            raise
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        # The template already holds the BOS text; encode without adding special tokens again.
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        outs = self.generate(ids, sampling_params)
+        for out, text in zip(outs, prompts):
+            out.prompt = text
+        return outs
+
+    def close(self) -> None:
+        self.engine.close()

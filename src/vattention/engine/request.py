@@ -1,0 +1,60 @@
+"""Request: one sequence's state, advanced by counters (never by phase).
+
+  tokens:   | prompt ........................ | output ...... |
+            0                  num_computed_tokens ^           num_tokens
+  Each step computes tokens [num_computed_tokens, num_computed_tokens + n). When that reaches
+  num_tokens the step samples one more token. Chunked prefill, decode and recompute after
+  preemption (num_computed_tokens back to 0) are the same loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..outputs import Logprob
+from ..sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: set[int]  # tokens that end the output unless params.ignore_eos
+    max_tokens: int  # output tokens at most (max_tokens capped by the context length)
+    prompt: str | None = None  # the prompt text, when given as text
+    sample_index: int = 0  # which of the params.n samples this request is
+    generator: torch.Generator | None = None  # seeded requests sample from their own stream
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    status: RequestStatus = RequestStatus.WAITING
+    num_preemptions: int = 0  # times its KV was dropped to be recomputed
+    text: str = ""  # detokenized output so far (stop string removed)
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+    logprobs: list[Logprob] = field(default_factory=list)  # sampled token's, when asked for
+    top_logprobs: list[list[Logprob]] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,111 @@
+"""Build a model on its device and fill its weights: from a Hugging Face directory
+(config.json + *.safetensors), or random ("dummy") for any config, e.g. a preset shape."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelArchConfig
+from .llama import LlamaForCausalLM, rope_inv_freq
+from .presets import PRESETS
+
+
+def resolve_arch_config(model: str | Path) -> ModelArchConfig:
+    """A model directory's config.json, or a preset name (for dummy weights)."""
+    if str(model) in PRESETS:
+        return ModelArchConfig.from_dict(PRESETS[str(model)])
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model {str(model)!r} is neither a directory nor a preset "
+                                f"({', '.join(sorted(PRESETS))})")
+    return ModelArchConfig.from_dir(path)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(cfg: ModelArchConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Parameters allocated directly on `device` in `dtype` (no CPU copy), contents undefined."""
+    with _default_dtype(dtype), torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device)
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.tie_weights()
+    return model.eval()
+
+
+def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
+    """Copy every tensor of the directory's safetensors files into the matching parameter."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    params = dict(model.named_parameters())
+    tied = model.config.tie_word_embeddings
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                    continue
+                if name not in params:
+                    raise ValueError(f"{file.name}: tensor {name!r} matches no parameter of "
+                                     f"{model.config.architecture}")
+                tensor = f.get_tensor(name)
+                if tensor.shape != params[name].shape:
+                    raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, the "
+                                     f"config implies {tuple(params[name].shape)}")
+                with torch.no_grad():
+                    params[name].copy_(tensor)
+                loaded.add(name)
+    missing = [n for n in params if n not in loaded and not (tied and n == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def init_dummy(model: LlamaForCausalLM, seed: int = 0) -> None:
+    """Random weights at the real shapes: N(0, 0.02) matrices, unit norms, zero biases."""
+    gen = torch.Generator(device=model.inv_freq.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def load_model(model: str | Path, load_format: str, device: torch.device, dtype: torch.dtype,
+               seed: int = 0) -> LlamaForCausalLM:
+    cfg = resolve_arch_config(model)
+    net = build_model(cfg, device, dtype)
+    if load_format == "dummy":
+        init_dummy(net, seed)
+    elif load_format in ("auto", "safetensors"):
+        if str(model) in PRESETS:
+            raise ValueError(f"{model!r} is a preset shape without weights; add --load-format dummy")
+        load_safetensors(net, Path(model))
+    else:
+        raise ValueError(f"unknown load_format {load_format!r}; use auto, safetensors or dummy")
+    return net
+
+
+def read_generation_eos(path: Path) -> set[int]:
+    """EOS ids from generation_config.json, which chat models often extend."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return set()
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())

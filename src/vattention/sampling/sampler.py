@@ -1,0 +1,202 @@
+"""Sampler: one token per row from a step's logits, under each row's SamplingParams.
+
+Per row, in this order (vLLM / HF / OpenAI semantics):
+
+    raw logits ──► penalties ──► greedy rows: argmax
+        │          (repetition, frequency, presence)
+        │                   └──► sampled rows: / temperature ─► top-k ─► top-p ─► min-p ─► draw
+        └──► logprobs / top_logprobs (log_softmax of the raw logits, never of the processed ones)
+
+Everything runs batched on the logits' device with per-row parameter tensors; the only per-row
+loop is the draw for seeded rows, so that a seeded row's token depends on nothing but its own
+logits, params and generator (not on the other rows or their order). Token ids leave the device
+once, at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vattention.sampling_params import SamplingParams
+
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): argmax is the limit of the softmax as
+# temperature -> 0, and dividing by a tinier one can overflow float32 logits to inf (then NaN).
+GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SamplingBatch:
+    """The rows that sample a token this step, all lists indexed by row (row i = logits[i])."""
+
+    params: list[SamplingParams]  # how each row chooses its token
+    prompt_token_ids: list[list[int]]  # the prompt: repetition_penalty also covers its tokens
+    output_token_ids: list[list[int]]  # tokens generated so far: all three penalties count these
+    generators: list[torch.Generator | None]  # seeded rows' own generator (on the logits' device)
+
+    def __post_init__(self):
+        lengths = {len(self.params), len(self.prompt_token_ids), len(self.output_token_ids),
+                   len(self.generators)}
+        if len(lengths) != 1:
+            raise ValueError(
+                "SamplingBatch fields must have one entry per row: got "
+                f"{len(self.params)} params, {len(self.prompt_token_ids)} prompt_token_ids, "
+                f"{len(self.output_token_ids)} output_token_ids, {len(self.generators)} generators")
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.params)
+
+
+@dataclass
+class SamplerOutput:
+    """What the sampler chose, as host lists the engine appends to each sequence."""
+
+    token_ids: list[int]  # the sampled token per row
+    # log-prob of each sampled token under the raw model distribution; None when no row asked
+    logprobs: list[float] | None
+    # per row: its params.logprobs most likely (token id, logprob), most likely first; [] when the
+    # row did not ask (or asked for 0); None when no row asked
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class Sampler:
+    """Stateless: call once per engine step with the logits of the rows that sample."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
+            raise ValueError(f"logits must be [num_rows={batch.num_rows}, vocab], "
+                             f"got {list(logits.shape)}")
+        if batch.num_rows == 0:
+            return SamplerOutput(token_ids=[], logprobs=None, top_logprobs=None)
+        raw = logits.to(torch.float32)  # [num_rows, vocab]; may alias the caller's tensor: no in-place
+        penalized = apply_penalties(raw, batch)
+        token_ids = penalized.argmax(dim=-1)  # [num_rows]; kept for the greedy rows
+        sampled = [i for i, p in enumerate(batch.params) if p.temperature >= GREEDY_TEMPERATURE]
+        if sampled:
+            rows = torch.tensor(sampled, dtype=torch.long, device=logits.device)
+            probs = sampling_probs(penalized[rows], [batch.params[i] for i in sampled])
+            token_ids[rows] = draw(probs, [batch.generators[i] for i in sampled])
+        logprobs, top_logprobs = _logprobs(raw, token_ids, batch.params)
+        return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """[num_rows, vocab] float32 -> a new tensor with each row's penalties applied.
+
+    repetition (HF): every token in prompt + output: logit / r if logit > 0 else logit * r;
+    then frequency and presence (OpenAI): logit -= frequency * count_in_output + presence * [seen].
+    Only rows with a non-neutral penalty are touched; ids outside [0, vocab) are ignored.
+    """
+    rows = [i for i, p in enumerate(batch.params) if _has_penalty(p)]
+    if not rows:
+        return logits
+    vocab, device = logits.shape[1], logits.device
+    params = [batch.params[i] for i in rows]
+    coeffs = torch.tensor([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty]
+                           for p in params], dtype=torch.float32, device=device)
+    repetition, frequency, presence = (c[:, None] for c in coeffs.unbind(dim=1))  # each [rows, 1]
+    output_counts = _token_counts([batch.output_token_ids[i] for i in rows], vocab, device)
+    in_output = output_counts > 0  # [rows, vocab]
+    prompts = [batch.prompt_token_ids[i] if p.repetition_penalty != 1.0 else []
+               for i, p in zip(rows, params)]
+    seen = in_output | (_token_counts(prompts, vocab, device) > 0)
+
+    index = torch.tensor(rows, dtype=torch.long, device=device)
+    x = logits[index]  # [rows, vocab]
+    x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
+    x = x - frequency * output_counts - presence * in_output
+    return logits.index_copy(0, index, x)
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[num_rows, vocab] penalized float32 logits of sampled rows -> [num_rows, vocab] probabilities
+    after temperature, top-k, top-p and min-p; filtered-out tokens have probability exactly 0."""
+    device, vocab = logits.device, logits.shape[1]
+    values = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params],
+                          dtype=torch.float32, device=device)
+    temperature, top_p, min_p = (v[:, None] for v in values.unbind(dim=1))  # each [rows, 1]
+    logits = logits / temperature
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(k < vocab for k in top_k) or any(p.top_p < 1.0 for p in params):
+        top_k_t = torch.tensor(top_k, dtype=torch.long, device=device)[:, None]
+        logits = _mask_top_k_top_p(logits, top_k_t, top_p)
+    probs = logits.softmax(dim=-1)
+    if any(p.min_p > 0 for p in params):
+        # After top-k/top-p the kept probabilities are only rescaled, so the ratio to the most
+        # likely token (always kept) is the same as it would be before them.
+        too_unlikely = probs < min_p * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(too_unlikely, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the logits outside each row's top_k ([rows, 1], vocab = all) and then outside
+    the smallest prefix whose renormalized probability reaches top_p ([rows, 1], 1 = all).
+
+    Ties at the k-th value are all kept; among tied logits the lower id ranks first (stable sort),
+    so the kept set is deterministic on every device.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [rows, vocab]
+    kth_largest = sorted_logits.gather(1, top_k - 1)  # [rows, 1]
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Probability of the strictly better-ranked tokens; a token is needed while it is < top_p.
+    # Shifting the cumsum (rather than subtracting probs from it) keeps the first token at exactly 0.
+    mass_before = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))
+    not_needed = (mass_before >= top_p) & (top_p < 1.0)  # top_p = 1 keeps all despite rounding
+    sorted_logits = sorted_logits.masked_fill(not_needed, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """[num_rows, vocab] probabilities -> [num_rows] token ids: unseeded rows in one call on the
+    default generator, each seeded row alone on its own generator (so its draw is the same in
+    any batch)."""
+    token_ids = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        rows = torch.tensor(unseeded, dtype=torch.long, device=probs.device)
+        token_ids[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            token_ids[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
+    return token_ids
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(token_lists), vocab] float32: how often each id occurs per list (ids outside
+    [0, vocab) ignored)."""
+    kept = [[t for t in ids if 0 <= t < vocab] for ids in token_lists]
+    width = max((len(ids) for ids in kept), default=0)
+    counts = torch.zeros(len(kept), vocab + 1, dtype=torch.float32, device=device)
+    if width:
+        # id `vocab` pads the ragged lists into one column that is dropped below
+        padded = torch.tensor([ids + [vocab] * (width - len(ids)) for ids in kept],
+                              dtype=torch.long, device=device)  # [len(token_lists), width]
+        counts.scatter_add_(1, padded, torch.ones(padded.shape, dtype=torch.float32, device=device))
+    return counts[:, :vocab]
+
+
+def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+              ) -> tuple[list[float] | None, list[list[tuple[int, float]]] | None]:
+    """Sampled-token and top logprobs under log_softmax of the raw logits ([num_rows, vocab])."""
+    wanted = [p.logprobs for p in params]
+    if all(n is None for n in wanted):
+        return None, None
+    logprobs = raw.log_softmax(dim=-1)  # [num_rows, vocab]
+    chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
+    max_top = min(max(n or 0 for n in wanted), raw.shape[1])
+    if max_top == 0:
+        return chosen, [[] for _ in params]
+    top_values, top_ids = logprobs.topk(max_top, dim=-1)  # [num_rows, max_top], most likely first
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    top = [list(zip(top_ids[i][:n], top_values[i][:n])) if n else [] for i, n in enumerate(wanted)]
+    return chosen, top

@@ -1,0 +1,59 @@
+"""SamplingParams: how one request chooses its tokens and when it stops (OpenAI / vLLM names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """Every field defaulted; invalid values raise ValueError naming the field and the rule."""
+
+    n: int = 1  # independent completions of the same prompt
+    temperature: float = 1.0  # 0 = greedy; >0 divides the logits
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 = all
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    repetition_penalty: float = 1.0  # >1 discourages tokens seen in prompt or output (HF rule)
+    presence_penalty: float = 0.0  # subtracted once from tokens already in the output (OpenAI rule)
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output (OpenAI rule)
+    seed: int | None = None  # per-request generator: same seed, same tokens
+    max_tokens: int | None = 16  # output tokens at most; None = up to the context length
+    stop: list[str] = field(default_factory=list)  # text that ends the output (not included)
+    stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the output
+    ignore_eos: bool = False  # keep going past the end-of-sequence token
+    logprobs: int | None = None  # return the sampled token's logprob and this many top ones
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be >= 0 (or -1 for all)"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             "max_tokens must be an integer >= 1 (or None)"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+             "logprobs must be an integer in [0, 20]"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be non-negative integers"),
+            (self.seed is None or isinstance(self.seed, int), "seed must be an integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid SamplingParams: {message}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

@@ -1,0 +1,54 @@
+"""Tiny random Hugging Face checkpoints of each supported family, and a slow HF greedy oracle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FAMILIES = {
+    # Llama 3 style: tied embeddings, llama3 RoPE scaling, GQA
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),  # q/k/v bias
+}
+
+
+def make_checkpoint(family: str, path: Path, seed: int = 0, **overrides):
+    """Save a random tiny model of `family` to `path`; returns the HF model (fp32, eval)."""
+    import transformers
+    config_cls, model_cls, extra = FAMILIES[family]
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    fields.update(extra)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**fields)
+    model = getattr(transformers, model_cls)(config).eval()
+    if family == "qwen2":  # HF initialises biases to zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.save_pretrained(path)
+    assert json.loads((path / "config.json").read_text())["architectures"] == [model_cls]
+    return model
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], num_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens by full recomputation each step (no KV cache), and their logprobs."""
+    ids = torch.tensor([prompt])
+    tokens, logprobs = [], []
+    for _ in range(num_tokens):
+        logits = model(ids).logits[0, -1].float()
+        token = int(logits.argmax())
+        tokens.append(token)
+        logprobs.append(float(logits.log_softmax(-1)[token]))
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokens, logprobs

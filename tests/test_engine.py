@@ -1,0 +1,196 @@
+"""The engine against Hugging Face transformers, and the invariances of its scheduling:
+greedy tokens equal HF for each architecture family; logprobs close; chunked prefill, batching,
+preemption and slot reuse do not change outputs; no slot or page leaks; bad input is refused
+with a specific error while other requests keep running."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vattention import LLM, SamplingParams
+
+from engine_helpers import FAMILIES, hf_greedy, make_checkpoint
+
+PROMPTS = [[5, 9, 13], list(range(20, 61)), [7], list(range(100, 117))]  # mixed lengths
+NUM_TOKENS = 12
+GREEDY = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=0)
+
+
+def make_llm(path, **kwargs) -> LLM:
+    options = dict(device="cpu", dtype="float32", kv_cache_memory_gib=0.05, page_size=64 << 10)
+    options.update(kwargs)
+    return LLM(model=str(path), **options)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return path, make_checkpoint(request.param, path)
+
+
+def generate_tokens(llm: LLM, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def test_greedy_tokens_and_logprobs_match_hf(checkpoint):
+    """Every family: greedy tokens identical to HF for a mixed-length batch; logprobs within 1e-4."""
+    path, hf = checkpoint
+    llm = make_llm(path)
+    outs = llm.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        want_tokens, want_logprobs = hf_greedy(hf, prompt, NUM_TOKENS)
+        got = out.outputs[0]
+        assert got.token_ids == want_tokens, f"prompt of {len(prompt)} tokens"
+        diffs = [abs(lp.logprob - w) for lp, w in zip(got.logprobs, want_logprobs)]
+        assert max(diffs) < 1e-4, f"logprob differs by {max(diffs):.2e}"
+        assert got.finish_reason == "length"
+    llm.close()
+
+
+def test_reference_attention_gives_the_same_tokens(checkpoint):
+    """The SDPA fast path equals the float64 reference attention backend."""
+    path, _ = checkpoint
+    fast = generate_tokens(make_llm(path))
+    slow = generate_tokens(make_llm(path, attention_backend="reference"))
+    assert fast == slow
+
+
+@pytest.mark.parametrize("options", [
+    dict(max_num_batched_tokens=5),  # prompts prefilled in chunks of <= 5 tokens
+    dict(max_num_seqs=1),  # one request at a time: slots reused
+    dict(layout="per_layer"),
+    dict(eager_cushion_groups=0),
+], ids=["chunked-prefill", "one-at-a-time", "per-layer", "no-cushion"])
+def test_scheduling_does_not_change_greedy_outputs(checkpoint, options):
+    path, _ = checkpoint
+    assert generate_tokens(make_llm(path, **options)) == generate_tokens(make_llm(path))
+
+
+def test_preemption_recomputes_to_the_same_output(tmp_path):
+    """A KV budget too small for all requests forces preemption mid-decode; the preempted
+    requests later finish with exactly the output they would have had (greedy and seeded)."""
+    hf = make_checkpoint("llama", tmp_path)
+    prompts = [list(range(10 + i, 50 + i)) for i in range(4)]
+    long = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=120, ignore_eos=True)
+    roomy = make_llm(tmp_path)
+    # 4 KiB pages hold 8 tokens of this model; 48 pages cannot hold 4 x 160 tokens at once.
+    tight = make_llm(tmp_path, page_size=4096, kv_cache_memory_gib=48 * 4096 / (1 << 30))
+    for params in (long, seeded):
+        want = generate_tokens(roomy, prompts, params)
+        got = generate_tokens(tight, prompts, params)
+        assert got == want
+    preempted = tight.engine.scheduler
+    assert not preempted.running and not preempted.waiting
+    assert tight.engine.kv.stats().counters.pages_reclaimed > 0
+    assert hf_greedy(hf, prompts[0], 10)[0] == generate_tokens(roomy, prompts[:1], long)[0][:10]
+
+
+def test_preemption_happened_in_the_tight_run(tmp_path):
+    make_checkpoint("llama", tmp_path)
+    llm = make_llm(tmp_path, page_size=4096, kv_cache_memory_gib=48 * 4096 / (1 << 30))
+    engine = llm.engine
+    for i in range(4):
+        engine.add_request(list(range(10 + i, 50 + i)),
+                           SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))
+    preemptions = 0
+    while engine.has_unfinished():
+        engine.step()
+        preemptions = max(preemptions, sum(r.num_preemptions for g in engine._groups.values() for r in g))
+    assert preemptions > 0
+
+
+def test_no_slot_or_page_leaks_after_many_requests(tmp_path):
+    """40 requests through 3 slots: afterwards no slot is busy, no token is held, every mapped
+    page belongs to an idle slot (deferred reclamation) and trim() returns them all."""
+    make_checkpoint("qwen2", tmp_path)
+    llm = make_llm(tmp_path, max_num_seqs=3)
+    prompts = [list(range(3, 3 + (i * 7) % 50 + 1)) for i in range(40)]
+    params = [SamplingParams(temperature=0, max_tokens=1 + i % 9, ignore_eos=True) for i in range(40)]
+    outs = llm.generate(prompts, params)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1 + i % 9 for i in range(40)]
+    stats = llm.engine.kv.stats()
+    assert stats.num_slots_busy == 0 and stats.bytes_used == 0
+    assert not llm.engine.kv._slots and not llm.engine._groups
+    llm.engine.kv.cache.trim()
+    assert llm.engine.kv.stats().pages_mapped == 0
+
+
+def test_n_samples_and_seeds(checkpoint):
+    path, _ = checkpoint
+    llm = make_llm(path)
+    params = SamplingParams(n=3, temperature=1.0, seed=123, max_tokens=10, ignore_eos=True)
+    first = llm.generate([PROMPTS[1]], params)[0]
+    again = llm.generate([PROMPTS[1]], params)[0]
+    assert [c.index for c in first.outputs] == [0, 1, 2]
+    assert [c.token_ids for c in first.outputs] == [c.token_ids for c in again.outputs]
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1, "the n samples should differ"
+
+
+def test_stop_token_ids_and_eos(checkpoint):
+    path, hf = checkpoint
+    llm = make_llm(path)
+    want, _ = hf_greedy(hf, PROMPTS[0], NUM_TOKENS)
+    stop_at = want[4]
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=NUM_TOKENS,
+                                                    stop_token_ids=[stop_at]))[0].outputs[0]
+    assert out.token_ids == want[:want.index(stop_at) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+
+
+def test_bad_input_is_refused_and_others_keep_running(tmp_path):
+    make_checkpoint("llama", tmp_path)
+    llm = make_llm(tmp_path, max_model_len=64)
+    engine = llm.engine
+    good = engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.step()
+    with pytest.raises(ValueError, match="the prompt has 80 tokens.*at most 63"):
+        engine.add_request(list(range(3, 83)))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        engine.add_request([])
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 320\)"):
+        engine.add_request([5, 999])
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams(top_p=0)
+    finished = []
+    while engine.has_unfinished():
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finished] == [good]
+    assert len(finished[0].outputs[0].token_ids) == 20
+
+
+def test_output_stops_at_the_context_length(tmp_path):
+    make_checkpoint("llama", tmp_path)
+    llm = make_llm(tmp_path, max_model_len=32)
+    out = llm.generate([list(range(3, 23))], SamplingParams(temperature=0, max_tokens=100,
+                                                            ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+def test_unknown_model_and_architecture_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a directory nor a preset"):
+        LLM(model=str(tmp_path / "nope"), device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
+                                                      "hidden_size": 8}))
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        LLM(model=str(tmp_path), device="cpu")
+    with pytest.raises(TypeError, match="unknown engine option 'max_batch'"):
+        LLM(model=str(tmp_path), device="cpu", max_batch=3)
+
+
+def test_dummy_weights_at_a_preset_shape_run(tmp_path):
+    """--load-format dummy builds random weights for any config; here a shrunken config dir."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 500, "hidden_size": 32,
+           "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 1, "max_position_embeddings": 256}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    llm = make_llm(tmp_path, load_format="dummy")
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 5
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        make_llm(tmp_path)

@@ -110,7 +110,8 @@ def test_each_penalty_matches_the_reference_rule(params):
 
 
 def test_out_of_range_token_ids_are_ignored():
-    params = [SP(temperature=0, repetition_penalty=2.0, presence_penalty=1.0, frequency_penalty=1.0)]
+    params = [SP(temperature=0, repetition_penalty=2.0, presence_penalty=1.0,
+                 frequency_penalty=1.0)]
     logits = torch.tensor([HAND_LOGITS], device=DEVICE)
     junk = [-1, -(10**40), len(HAND_LOGITS), 10**40]
     clean = apply_penalties(logits, batch_of(params, [[0, 3]], [[3, 5]]))
@@ -129,8 +130,9 @@ def test_greedy_is_the_argmax_of_the_logits():
 def test_greedy_is_the_argmax_of_the_penalized_logits():
     rows, vocab = 12, 50
     logits = random_logits(rows, vocab, seed=2)
-    params = [SP(temperature=0, repetition_penalty=1 + 0.5 * (i % 3), presence_penalty=0.6 * (i % 2),
-                 frequency_penalty=0.4 * (i % 4)) for i in range(rows)]
+    params = [SP(temperature=0, repetition_penalty=1 + 0.5 * (i % 3),
+                 presence_penalty=0.6 * (i % 2), frequency_penalty=0.4 * (i % 4))
+              for i in range(rows)]
     # every row has already produced its top token (a few times), so penalties matter
     rng = random.Random(0)
     outputs = [[int(logits[i].argmax())] * 3 + [rng.randrange(vocab) for _ in range(5)]
@@ -138,8 +140,8 @@ def test_greedy_is_the_argmax_of_the_penalized_logits():
     prompts = [[rng.randrange(vocab) for _ in range(8)] for _ in range(rows)]
     out = sampler(logits, batch_of(params, prompts, outputs))
     raw = logits.cpu().double().tolist()
-    want = [max(range(vocab), key=ref_penalize(raw[i], params[i], prompts[i], outputs[i]).__getitem__)
-            for i in range(rows)]
+    penalized = [ref_penalize(raw[i], params[i], prompts[i], outputs[i]) for i in range(rows)]
+    want = [max(range(vocab), key=row.__getitem__) for row in penalized]
     assert out.token_ids == want
     assert out.token_ids != logits.argmax(-1).tolist(), "the penalties never changed the argmax"
 
@@ -186,7 +188,8 @@ def test_sampled_tokens_follow_the_reference_distribution():
             out = sampler(logits.expand(num_samples, vocab), batch_of([p] * num_samples))
         want = ref_probs(raw, p)
         counts = Counter(out.token_ids)
-        assert set(counts) <= {t for t, v in enumerate(want) if v > 0}, f"{short(p)}: filtered token drawn"
+        kept = {t for t, v in enumerate(want) if v > 0}
+        assert set(counts) <= kept, f"{short(p)}: a filtered-out token was drawn"
         assert_close([counts[t] / num_samples for t in range(vocab)], want, 0.015,
                      f"{short(p)}: empirical frequencies")
 
@@ -214,7 +217,8 @@ def test_seeded_rows_are_reproducible_across_calls_and_batch_order():
              for i in range(8)]
     together = sampler(logits, batch_of(params, None, outputs)).token_ids
     assert together == alone
-    assert sampler(logits, batch_of(params, None, outputs)).token_ids == alone, "second call differs"
+    again = sampler(logits, batch_of(params, None, outputs)).token_ids
+    assert again == alone, "a second call with the same seeds differs"
     # reversed, with unseeded rows interleaved
     order = list(reversed(range(8)))
     mixed_logits = torch.cat([torch.cat([logits[i:i + 1], logits[i:i + 1]]) for i in order])
@@ -246,7 +250,8 @@ def test_logprobs_and_top_logprobs_are_log_softmax_of_the_raw_logits():
 # ---- mixed batches and inputs ----
 
 MIXED = [SP(temperature=0), SP(temperature=0, repetition_penalty=1.4, frequency_penalty=0.5),
-         SP(seed=11, top_k=50), SP(seed=12, top_p=0.8, min_p=0.05, presence_penalty=0.7, logprobs=3),
+         SP(seed=11, top_k=50),
+         SP(seed=12, top_p=0.8, min_p=0.05, presence_penalty=0.7, logprobs=3),
          SP(seed=13, temperature=1.3, logprobs=0), SP(temperature=1e-7, logprobs=2),
          SP(top_k=1, temperature=0.8, repetition_penalty=2.0)]  # unseeded but deterministic
 
@@ -259,7 +264,8 @@ def test_mixed_batch_gives_each_row_what_it_gets_alone():
     alone = [sampler(logits[i:i + 1], batch_of([MIXED[i]], [prompts[i]], [outputs[i]]))
              for i in range(n)]
     for order in (list(range(n)), list(reversed(range(n)))):
-        out = sampler(logits[order], batch_of([MIXED[i] for i in order], [prompts[i] for i in order],
+        out = sampler(logits[order], batch_of([MIXED[i] for i in order],
+                                              [prompts[i] for i in order],
                                               [outputs[i] for i in order]))
         for row, i in enumerate(order):
             a = alone[i]

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget-mib", type=int, default=256, help="physical KV memory budget")
 
     bench = sub.add_parser("bench", help="benchmarks (tables + JSON)")
-    bench.add_argument("suite", choices=["memory"])
+    bench.add_argument("suite", choices=["memory", "offline"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     return parser
 
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
         run_demo(ns.device, ns.layout, ns.page_size, ns.budget_mib)
     elif ns.command == "bench":
-        from .bench.memory import main as bench_main
-        return bench_main(ns.args)
+        from importlib import import_module
+        return import_module(f".bench.{ns.suite}", __package__).main(ns.args)
     return 0
 
 

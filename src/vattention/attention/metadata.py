@@ -8,6 +8,7 @@ step by the model runner and passed down explicitly.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +36,7 @@ def build_metadata(slots: list[int], query_lens: list[int], seq_lens: list[int],
     """Metadata for sequences at `slots`, each adding query_lens[i] tokens and ending at seq_lens[i]."""
     starts = [s * slot_stride_tokens for s in slots]
     write = [start + pos for start, q, n in zip(starts, query_lens, seq_lens) for pos in range(n - q, n)]
-    cu_q = [0]
-    for q in query_lens:
-        cu_q.append(cu_q[-1] + q)
+    cu_q = [0, *itertools.accumulate(query_lens)]
 
     def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

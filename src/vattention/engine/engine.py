@@ -61,6 +61,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.peak_bytes_used = 0  # most KV bytes holding tokens after any step
         self.peak_bytes_mapped = 0  # most KV bytes mapped after any step
+        self.last_step_shape = (0, 0)  # (sequences, tokens) the last step computed
 
     def _kv_budget(self, spec: KVCacheSpec) -> int:
         gib = self.config.cache.kv_cache_memory_gib
@@ -129,6 +130,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the current state of every request group that progressed."""
         sched = self.scheduler.schedule()
+        self.last_step_shape = (len(sched.scheduled), sched.num_batched_tokens)
         sampled = self.runner.execute(sched) if sched.scheduled else {}
         touched: dict[str, list[Request]] = {}
         for item in sched.scheduled:

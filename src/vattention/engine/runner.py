@@ -8,6 +8,7 @@ step are mapped in the background while this one computes.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,7 @@ class ModelRunner:
         for item in items:
             req, start = item.request, item.request.num_computed_tokens
             end = start + item.num_new_tokens
-            token_ids += req.all_token_ids[start:end]
+            token_ids += req.token_ids(start, end)
             positions += range(start, end)
             slots.append(self.kv.slot_of(req.request_id))
             query_lens.append(item.num_new_tokens)
@@ -58,7 +59,8 @@ class ModelRunner:
         sampling = [i for i, item in enumerate(items) if item.samples]
         if not sampling:
             return {}
-        last_rows = torch.tensor([sum(query_lens[:i + 1]) - 1 for i in sampling], device=self.device)
+        ends = list(itertools.accumulate(query_lens))  # row after each sequence's last token
+        last_rows = torch.tensor([ends[i] - 1 for i in sampling]).to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden[last_rows])  # [num_sampling, vocab]
         reqs = [items[i].request for i in sampling]
         batch = SamplingBatch(params=[r.params for r in reqs],

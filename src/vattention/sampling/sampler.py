@@ -70,7 +70,8 @@ class Sampler:
                              f"got {list(logits.shape)}")
         if batch.num_rows == 0:
             return SamplerOutput(token_ids=[], logprobs=None, top_logprobs=None)
-        raw = logits.to(torch.float32)  # [num_rows, vocab]; may alias the caller's tensor: no in-place
+        # [num_rows, vocab]; aliases the caller's tensor when already float32: nothing in-place
+        raw = logits.to(torch.float32)
         penalized = apply_penalties(raw, batch)
         token_ids = penalized.argmax(dim=-1)  # [num_rows]; kept for the greedy rows
         sampled = [i for i, p in enumerate(batch.params) if p.temperature >= GREEDY_TEMPERATURE]
@@ -145,7 +146,7 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     # Probability of the strictly better-ranked tokens; a token is needed while it is < top_p.
-    # Shifting the cumsum (rather than subtracting probs from it) keeps the first token at exactly 0.
+    # Shifting the cumsum (not subtracting probs from it) keeps the first token at exactly 0.
     mass_before = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))
     not_needed = (mass_before >= top_p) & (top_p < 1.0)  # top_p = 1 keeps all despite rounding
     sorted_logits = sorted_logits.masked_fill(not_needed, float("-inf"))

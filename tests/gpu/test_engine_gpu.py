@@ -1,0 +1,80 @@
+"""The engine on the GPU: bf16 with FA2 reading the virtual KV cache, against HF transformers.
+bf16 greedy paths may legitimately part where two tokens are near-tied, so (as vLLM's
+check_logprobs_close does) tokens must agree until the first divergence, where each side's token
+must be among the other's top candidates; logprobs on the shared prefix must be close."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vattention import LLM, SamplingParams
+
+from engine_helpers import make_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (run on the device machine)")
+
+PROMPTS = [[5, 9, 13], list(range(20, 300)), [7], list(range(100, 1200, 3))]
+NUM_TOKENS = 24
+TOP = 5
+
+
+@torch.no_grad()
+def hf_greedy_top(model, prompt, num_tokens):
+    """Greedy tokens with HF's KV cache, plus each step's top-TOP {token: logprob}."""
+    ids = torch.tensor([prompt], device="cuda")
+    out = model.generate(ids, max_new_tokens=num_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    tops = []
+    for logits in out.logits:
+        lp = logits[0].float().log_softmax(-1)
+        values, idx = lp.topk(TOP)
+        tops.append(dict(zip(idx.tolist(), values.tolist())))
+    return tokens, tops
+
+
+def check_close(ours, our_tops, theirs, their_tops, tol):
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            assert a in their_tops[i] and b in our_tops[i], (
+                f"step {i}: ours {a} not in HF's top-{TOP} {their_tops[i]} or HF's {b} not in ours")
+            return i
+        diff = abs(our_tops[i][a] - their_tops[i][b])
+        assert diff < tol, f"step {i}: logprob of {a} differs by {diff:.3f}"
+    return len(ours)
+
+
+@pytest.mark.parametrize("layout", ["cross_layer", "per_layer"])
+def test_bf16_greedy_and_logprobs_close_to_hf(tmp_path, layout):
+    hf = make_checkpoint("llama", tmp_path, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=4096, initializer_range=0.05)
+    hf = hf.to("cuda", torch.bfloat16)
+    llm = LLM(model=str(tmp_path), device="cuda", dtype="bfloat16", kv_cache_memory_gib=1.0,
+              layout=layout, max_num_batched_tokens=512)
+    assert type(llm.engine.runner.backend).__name__ == "FlashBackend"
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NUM_TOKENS,
+                                                ignore_eos=True, logprobs=TOP))
+    agreed = []
+    for prompt, out in zip(PROMPTS, outs):
+        c = out.outputs[0]
+        ours_top = [{lp.token_id: lp.logprob for lp in step} for step in c.top_logprobs]
+        theirs, theirs_top = hf_greedy_top(hf, prompt, NUM_TOKENS)
+        agreed.append(check_close(c.token_ids, ours_top, theirs, theirs_top, tol=0.15))
+    assert sum(agreed) >= 0.75 * NUM_TOKENS * len(PROMPTS), f"tokens agreed for {agreed}"
+    llm.close()
+
+
+def test_flash_and_sdpa_backends_agree_on_the_gpu(tmp_path):
+    make_checkpoint("qwen2", tmp_path, hidden_size=128, num_attention_heads=4)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    runs = {}
+    for backend in ("flash", "sdpa"):
+        llm = LLM(model=str(tmp_path), device="cuda", dtype="float16", kv_cache_memory_gib=0.5,
+                  attention_backend=backend, max_num_batched_tokens=64)
+        runs[backend] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+        llm.close()
+    same = sum(a == b for a, b in zip(runs["flash"], runs["sdpa"]))
+    assert same >= len(PROMPTS) - 1, runs

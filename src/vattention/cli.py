@@ -90,7 +90,7 @@ def _generate(ns: argparse.Namespace) -> int:
     params = _sampling(ns)
     llm = LLM(**_engine_kwargs(ns))
     tok = llm.tokenizer
-    if ns.chat_template and tok is not None and tok.has_chat_template:
+    if ns.chat_template and tok is not None and tok.chat_template is not None:
         outs = llm.chat([{"role": "user", "content": ns.prompt}], params)
     else:
         outs = llm.generate(ns.prompt, params)

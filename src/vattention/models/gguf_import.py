@@ -113,7 +113,8 @@ def default_model_dir() -> Path:
 def convert_gguf(source: Path, target: Path) -> Path:
     """Convert a llama-architecture GGUF with a byte-level BPE vocabulary into an HF directory at
     `target`, atomically: the files are written to a sibling temporary directory that is renamed
-    to `target` only once complete. Returns `target`."""
+    to `target` only once complete. A `target` that already exists is kept (it is a finished
+    conversion, perhaps by a concurrent process). Returns `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:

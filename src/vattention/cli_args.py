@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import inspect
 import re
+import types
 import typing
 
 _COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
@@ -24,8 +25,9 @@ def field_comments(cls: type) -> dict[str, str]:
 
 def _scalar_type(annotation) -> type:
     hints = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing))  # noqa: S307
-    args = [a for a in typing.get_args(hints) if a is not type(None)]
-    return args[0] if args else hints
+    if isinstance(hints, types.UnionType) or typing.get_origin(hints) is typing.Union:
+        return next(a for a in typing.get_args(hints) if a is not type(None))  # X | None -> X
+    return hints
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:

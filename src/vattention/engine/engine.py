@@ -23,7 +23,7 @@ from ..sampling import Sampler
 from ..sampling_params import SamplingParams
 from .kv_manager import VAttentionKVManager
 from .output_processor import OutputProcessor, make_request_output
-from .request import Request, RequestStatus
+from .request import Request
 from .runner import ModelRunner
 from .scheduler import Scheduler
 

@@ -34,10 +34,12 @@ def generate_tokens(llm: LLM, prompts=PROMPTS, params=GREEDY) -> list[list[int]]
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
-def test_greedy_tokens_and_logprobs_match_hf(checkpoint):
-    """Every family: greedy tokens identical to HF for a mixed-length batch; logprobs within 1e-4."""
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged", "static"])
+def test_greedy_tokens_and_logprobs_match_hf(checkpoint, kv_cache):
+    """Every family and KV design: greedy tokens identical to HF for a mixed-length batch;
+    logprobs within 1e-4."""
     path, hf = checkpoint
-    llm = make_llm(path)
+    llm = make_llm(path, kv_cache=kv_cache)
     outs = llm.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
         want_tokens, want_logprobs = hf_greedy(hf, prompt, NUM_TOKENS)
@@ -49,11 +51,12 @@ def test_greedy_tokens_and_logprobs_match_hf(checkpoint):
     llm.close()
 
 
-def test_reference_attention_gives_the_same_tokens(checkpoint):
-    """The SDPA fast path equals the float64 reference attention backend."""
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_reference_attention_gives_the_same_tokens(checkpoint, kv_cache):
+    """The SDPA fast path equals the float64 reference attention backend (contiguous and paged)."""
     path, _ = checkpoint
-    fast = generate_tokens(make_llm(path))
-    slow = generate_tokens(make_llm(path, attention_backend="reference"))
+    fast = generate_tokens(make_llm(path, kv_cache=kv_cache))
+    slow = generate_tokens(make_llm(path, kv_cache=kv_cache, attention_backend="reference"))
     assert fast == slow
 
 
@@ -62,13 +65,21 @@ def test_reference_attention_gives_the_same_tokens(checkpoint):
     dict(max_num_seqs=1),  # one request at a time: slots reused
     dict(layout="per_layer"),
     dict(eager_cushion_groups=0),
-], ids=["chunked-prefill", "one-at-a-time", "per-layer", "no-cushion"])
+    dict(kv_cache="paged", block_size=16),
+    dict(kv_cache="paged", block_size=128, max_num_batched_tokens=7),
+    dict(kv_cache="static", max_num_seqs=2),
+], ids=["chunked-prefill", "one-at-a-time", "per-layer", "no-cushion", "paged-16", "paged-128-chunked",
+        "static"])
 def test_scheduling_does_not_change_greedy_outputs(checkpoint, options):
     path, _ = checkpoint
     assert generate_tokens(make_llm(path, **options)) == generate_tokens(make_llm(path))
 
 
-def test_preemption_recomputes_to_the_same_output(tmp_path):
+TIGHT = 48 * 4096 / (1 << 30)  # 48 x 4 KiB: 384 tokens of this model; 4 x 160 do not fit at once
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_preemption_recomputes_to_the_same_output(tmp_path, kv_cache):
     """A KV budget too small for all requests forces preemption mid-decode; the preempted
     requests later finish with exactly the output they would have had (greedy and seeded)."""
     hf = make_checkpoint("llama", tmp_path)
@@ -76,21 +87,20 @@ def test_preemption_recomputes_to_the_same_output(tmp_path):
     long = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=120, ignore_eos=True)
     roomy = make_llm(tmp_path)
-    # 4 KiB pages hold 8 tokens of this model; 48 pages cannot hold 4 x 160 tokens at once.
-    tight = make_llm(tmp_path, page_size=4096, kv_cache_memory_gib=48 * 4096 / (1 << 30))
+    tight = make_llm(tmp_path, kv_cache=kv_cache, page_size=4096, block_size=8, kv_cache_memory_gib=TIGHT)
     for params in (long, seeded):
         want = generate_tokens(roomy, prompts, params)
         got = generate_tokens(tight, prompts, params)
         assert got == want
     preempted = tight.engine.scheduler
     assert not preempted.running and not preempted.waiting
-    assert tight.engine.kv.stats().counters.pages_reclaimed > 0
     assert hf_greedy(hf, prompts[0], 10)[0] == generate_tokens(roomy, prompts[:1], long)[0][:10]
 
 
-def test_preemption_happened_in_the_tight_run(tmp_path):
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_preemption_happened_in_the_tight_run(tmp_path, kv_cache):
     make_checkpoint("llama", tmp_path)
-    llm = make_llm(tmp_path, page_size=4096, kv_cache_memory_gib=48 * 4096 / (1 << 30))
+    llm = make_llm(tmp_path, kv_cache=kv_cache, page_size=4096, block_size=8, kv_cache_memory_gib=TIGHT)
     engine = llm.engine
     for i in range(4):
         engine.add_request(list(range(10 + i, 50 + i)),
@@ -102,20 +112,23 @@ def test_preemption_happened_in_the_tight_run(tmp_path):
     assert preemptions > 0
 
 
-def test_no_slot_or_page_leaks_after_many_requests(tmp_path):
-    """40 requests through 3 slots: afterwards no slot is busy, no token is held, every mapped
-    page belongs to an idle slot (deferred reclamation) and trim() returns them all."""
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged", "static"])
+def test_no_slot_or_page_leaks_after_many_requests(tmp_path, kv_cache):
+    """40 requests through 3 slots: afterwards no request holds KV and nothing stays committed
+    (vattention: every mapped page belongs to an idle slot and trim() returns them all)."""
     make_checkpoint("qwen2", tmp_path)
-    llm = make_llm(tmp_path, max_num_seqs=3)
+    llm = make_llm(tmp_path, max_num_seqs=3, kv_cache=kv_cache)
     prompts = [list(range(3, 3 + (i * 7) % 50 + 1)) for i in range(40)]
     params = [SamplingParams(temperature=0, max_tokens=1 + i % 9, ignore_eos=True) for i in range(40)]
     outs = llm.generate(prompts, params)
     assert [len(o.outputs[0].token_ids) for o in outs] == [1 + i % 9 for i in range(40)]
-    stats = llm.engine.kv.stats()
-    assert stats.num_slots_busy == 0 and stats.bytes_used == 0
-    assert not llm.engine.kv._slots and not llm.engine._groups
-    llm.engine.kv.cache.trim()
-    assert llm.engine.kv.stats().pages_mapped == 0
+    usage = llm.engine.kv.usage()
+    assert usage.num_requests == 0 and usage.bytes_used == 0 and not llm.engine._groups
+    if kv_cache == "vattention":
+        llm.engine.kv.cache.trim()
+        assert llm.engine.kv.cache.stats().pages_mapped == 0
+    else:
+        assert usage.bytes_committed == 0
 
 
 def test_n_samples_and_seeds(checkpoint):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-KV_CACHE_MODES = ("vattention",)
+KV_CACHE_MODES = ("vattention", "paged", "static")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,18 +47,21 @@ class ModelConfig:
 class CacheConfig:
     """How the KV cache is laid out and how much memory it may map."""
 
-    kv_cache: str = "vattention"  # KV cache design: vattention (virtual memory, demand-mapped pages)
+    kv_cache: str = "vattention"  # KV design: vattention (demand-mapped virtual memory), paged (block tables), static (max_model_len reserved per request)
     layout: str = "cross_layer"  # vattention layout: cross_layer (one page for all layers) or per_layer
     kv_cache_memory_gib: float | None = None  # KV budget; None = 90% of free GPU memory after the model (CPU: 4 GiB)
     page_size: int | None = None  # bytes per page; None = driver granularity (2 MiB)
     eager_cushion_groups: int = 1  # page groups mapped ahead of each sequence in the background
-    attention_backend: str = "auto"  # auto (flash on CUDA, sdpa on CPU), flash, sdpa, reference
+    block_size: int = 16  # paged: tokens per block
+    attention_backend: str = "auto"  # auto (CUDA: flash, or triton when paged; CPU: sdpa), flash, triton, sdpa, reference
 
     def __post_init__(self):
         if self.kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {self.kv_cache!r}")
         if self.layout not in ("cross_layer", "per_layer"):
             raise ValueError(f"layout must be cross_layer or per_layer, got {self.layout!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
             raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
 

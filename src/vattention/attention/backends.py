@@ -1,7 +1,13 @@
-"""Contiguous-cache attention backends: each writes the step's K/V, then attends.
+"""Attention backends: each writes the step's K/V into the cache, then attends.
 
 All take q [num_tokens, H_q, D], k/v [num_tokens, H_kv, D] for the step's new tokens and return
-[num_tokens, H_q, D]. The layer's cache comes as a ContiguousKV (the memory library's views).
+[num_tokens, H_q, D]. The layer's cache is a LayerKV: flat rows for writing, plus either the
+contiguous views (vattention, static) or the block pool (paged).
+
+  contiguous: flash (FA2 varlen reading the virtual tensors), triton (our split-KV decode + FA2
+              for prefill), sdpa, reference
+  paged:      triton (our paged split-KV decode; FA2 over gathered blocks for prefill), sdpa,
+              reference
 """
 
 from __future__ import annotations
@@ -16,19 +22,33 @@ from .metadata import AttentionMetadata
 
 
 @dataclass
-class ContiguousKV:
-    """One layer's cache as the memory library hands it out (zero-copy views)."""
+class LayerKV:
+    """One layer's cache as a KV manager hands it out (views, never copies)."""
 
-    k: torch.Tensor  # [max_seqs, max_seq_len, H_kv, D]
-    v: torch.Tensor  # [max_seqs, max_seq_len, H_kv, D]
-    k_flat: torch.Tensor  # [max_seqs * slot_stride_tokens, H_kv, D]
-    v_flat: torch.Tensor  # [max_seqs * slot_stride_tokens, H_kv, D]
+    k_flat: torch.Tensor  # [num_rows, H_kv, D]: row = where one token's K lives
+    v_flat: torch.Tensor  # [num_rows, H_kv, D]
+    k: torch.Tensor | None = None  # contiguous: [max_seqs, max_seq_len, H_kv, D]
+    v: torch.Tensor | None = None
+    k_blocks: torch.Tensor | None = None  # paged: [num_blocks, block_size, H_kv, D]
+    v_blocks: torch.Tensor | None = None
 
 
-def write_kv(cache: ContiguousKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    """Store the step's new K/V in place at their (slot, position) rows."""
+def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Store the step's new K/V in place at their rows."""
     cache.k_flat.index_copy_(0, meta.kv_write_index, k.to(cache.k_flat.dtype))
     cache.v_flat.index_copy_(0, meta.kv_write_index, v.to(cache.v_flat.dtype))
+
+
+def sequence_kv(cache: LayerKV, meta: AttentionMetadata, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence i's K and V, [seq_len, H_kv, D]: a view (contiguous) or a gather of its blocks."""
+    n = meta.seq_lens[i]
+    if meta.starts is not None:
+        start = meta.starts[i]
+        return cache.k_flat[start:start + n], cache.v_flat[start:start + n]
+    num_blocks = -(-n // meta.block_size)
+    table = meta.block_tables[i, :num_blocks]
+    h, d = cache.k_blocks.shape[2:]
+    return (cache.k_blocks[table].reshape(-1, h, d)[:n], cache.v_blocks[table].reshape(-1, h, d)[:n])
 
 
 def causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
@@ -41,44 +61,26 @@ def causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Ten
 
 
 class SDPABackend:
-    """Any device: scaled_dot_product_attention per sequence on its slot's strided view."""
+    """Any device, either cache kind: scaled_dot_product_attention per sequence."""
 
     name = "sdpa"
 
     def __init__(self, scale: float):
         self.scale = scale
 
-    def forward(self, q, k, v, cache: ContiguousKV, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         write_kv(cache, k, v, meta)
         out = torch.empty_like(q)
         start = 0
-        for slot, n_q, n_kv in zip(meta.slots, meta.query_lens, meta.seq_lens):
+        for i, n_q in enumerate(meta.query_lens):
+            keys, values = sequence_kv(cache, meta, i)
             qi = q[start:start + n_q].transpose(0, 1)  # [H_q, n_q, D]
-            ki = cache.k[slot, :n_kv].transpose(0, 1).to(q.dtype)  # [H_kv, n_kv, D]
-            vi = cache.v[slot, :n_kv].transpose(0, 1).to(q.dtype)
-            mask = causal_mask(n_q, n_kv, q.device)
+            ki, vi = keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype)
+            mask = causal_mask(n_q, keys.shape[0], q.device)
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale,
                                                 enable_gqa=qi.shape[0] != ki.shape[0])
             out[start:start + n_q] = oi.transpose(0, 1)
             start += n_q
-        return out
-
-
-class FlashBackend:
-    """CUDA: one FA2 varlen call for the whole batch, reading K/V straight from the virtual
-    tensors: cu_seqlens_k = each slot's first row, seqused_k = its length."""
-
-    name = "flash"
-
-    def __init__(self, scale: float):
-        self.scale = scale
-
-    def forward(self, q, k, v, cache: ContiguousKV, meta: AttentionMetadata) -> torch.Tensor:
-        write_kv(cache, k, v, meta)
-        cu_k = torch.cat([meta.kv_starts, meta.kv_starts[-1:]])
-        out = torch.ops.aten._flash_attention_forward(
-            q, cache.k_flat, cache.v_flat, meta.query_start_loc, cu_k, meta.max_query_len,
-            meta.max_seq_len, 0.0, True, False, scale=self.scale, seqused_k=meta.seq_lens_t)[0]
         return out
 
 
@@ -90,14 +92,16 @@ class ReferenceBackend:
     def __init__(self, scale: float):
         self.scale = scale
 
-    def forward(self, q, k, v, cache: ContiguousKV, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         write_kv(cache, k, v, meta)
         out = torch.empty_like(q)
         group = q.shape[1] // k.shape[1]
         start = 0
-        for slot, n_q, n_kv in zip(meta.slots, meta.query_lens, meta.seq_lens):
-            keys = cache.k[slot, :n_kv].double().repeat_interleave(group, dim=1)  # [n_kv, H_q, D]
-            values = cache.v[slot, :n_kv].double().repeat_interleave(group, dim=1)
+        for i, n_q in enumerate(meta.query_lens):
+            keys, values = sequence_kv(cache, meta, i)
+            keys = keys.double().repeat_interleave(group, dim=1)  # [n_kv, H_q, D]
+            values = values.double().repeat_interleave(group, dim=1)
+            n_kv = keys.shape[0]
             for j in range(n_q):
                 visible = n_kv - n_q + j + 1
                 scores = torch.einsum("hd,khd->hk", q[start + j].double(), keys[:visible]) * self.scale
@@ -106,14 +110,74 @@ class ReferenceBackend:
         return out
 
 
-def make_backend(name: str, head_dim: int, device: torch.device):
-    """`auto` = flash on CUDA, sdpa elsewhere."""
+def flash_varlen(q, k_rows, v_rows, meta: AttentionMetadata, kv_starts: torch.Tensor, scale: float):
+    """FA2 varlen: sequence i's keys are rows kv_starts[i] .. + seq_lens[i] of k_rows."""
+    cu_k = torch.cat([kv_starts, kv_starts[-1:]])
+    return torch.ops.aten._flash_attention_forward(
+        q, k_rows, v_rows, meta.query_start_loc, cu_k, meta.max_query_len, meta.max_seq_len,
+        0.0, True, False, scale=scale, seqused_k=meta.seq_lens_t)[0]
+
+
+class FlashBackend:
+    """CUDA, contiguous: one FA2 varlen call reading K/V straight from the virtual tensors
+    (cu_seqlens_k = each slot's first row, seqused_k = its length)."""
+
+    name = "flash"
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+        write_kv(cache, k, v, meta)
+        return flash_varlen(q, cache.k_flat, cache.v_flat, meta, meta.kv_starts, self.scale)
+
+
+class TritonBackend:
+    """CUDA, either cache kind: decode-only steps run our split-KV Triton kernel (contiguous or
+    its paged twin); steps with prefill chunks run FA2 (over gathered blocks when paged)."""
+
+    name = "triton"
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+        from . import triton_decode
+        write_kv(cache, k, v, meta)
+        if meta.is_decode:
+            if meta.block_tables is None:
+                return triton_decode.contiguous_decode(q, cache.k_flat, cache.v_flat, meta.kv_starts,
+                                                       meta.seq_lens_t, self.scale)
+            return triton_decode.paged_decode(q, cache.k_blocks, cache.v_blocks, meta.block_tables,
+                                              meta.seq_lens_t, self.scale)
+        if meta.block_tables is None:
+            return flash_varlen(q, cache.k_flat, cache.v_flat, meta, meta.kv_starts, self.scale)
+        return self._paged_prefill(q, cache, meta)
+
+    def _paged_prefill(self, q, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+        """Gather each sequence's blocks into one contiguous buffer, then FA2 varlen over it."""
+        keys, values = zip(*(sequence_kv(cache, meta, i) for i in range(meta.num_seqs)))
+        starts = [0]
+        for n in meta.seq_lens[:-1]:
+            starts.append(starts[-1] + n)
+        kv_starts = torch.tensor(starts, dtype=torch.int32).to(q.device, non_blocking=True)
+        return flash_varlen(q, torch.cat(keys), torch.cat(values), meta, kv_starts, self.scale)
+
+
+BACKENDS = {"contiguous": {"flash": FlashBackend, "triton": TritonBackend, "sdpa": SDPABackend,
+                           "reference": ReferenceBackend},
+            "paged": {"triton": TritonBackend, "sdpa": SDPABackend, "reference": ReferenceBackend}}
+
+
+def make_backend(name: str, kv_kind: str, head_dim: int, device: torch.device):
+    """`auto` = flash (contiguous) or triton (paged) on CUDA, sdpa on CPU."""
     scale = 1.0 / math.sqrt(head_dim)
+    choices = BACKENDS[kv_kind]
     if name == "auto":
-        name = "flash" if device.type == "cuda" else "sdpa"
-    backends = {"flash": FlashBackend, "sdpa": SDPABackend, "reference": ReferenceBackend}
-    if name not in backends:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(backends)} or auto")
-    if name == "flash" and device.type != "cuda":
-        raise ValueError("the flash backend needs a CUDA device; use sdpa on CPU")
-    return backends[name](scale)
+        name = ("flash" if kv_kind == "contiguous" else "triton") if device.type == "cuda" else "sdpa"
+    if name not in choices:
+        raise ValueError(f"attention backend {name!r} does not serve a {kv_kind} cache; "
+                         f"choose from {sorted(choices)} or auto")
+    if name in ("flash", "triton") and device.type != "cuda":
+        raise ValueError(f"the {name} backend needs a CUDA device; use sdpa on CPU")
+    return choices[name](scale)

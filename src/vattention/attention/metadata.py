@@ -1,9 +1,13 @@
 """AttentionMetadata: what one step's attention needs to know about the batch, built once per
-step by the model runner and passed down explicitly.
+step by the KV manager (which knows where tokens live) and passed down explicitly.
 
   tokens of the step, flattened:   | seq 0 chunk | seq 1 (decode) | seq 2 chunk ... |
   query_start_loc                  0             n0               n0+1  ...
   seq i attends to its tokens [0, seq_lens[i]) (the chunk is its last query_lens[i] tokens)
+
+Where token t of sequence i lives:
+  contiguous (vattention, static)  row kv_starts[i] + t of the layer's flat view
+  paged                            row block_tables[i][t // block_size] * block_size + t % block_size
 """
 
 from __future__ import annotations
@@ -16,33 +20,56 @@ import torch
 
 @dataclass
 class AttentionMetadata:
-    slots: list[int]  # cache slot of each sequence
     query_lens: list[int]  # new tokens of each sequence this step
     seq_lens: list[int]  # tokens each sequence holds after this step (context + new)
     max_query_len: int
     max_seq_len: int
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32 on device: cu_seqlens_q
     seq_lens_t: torch.Tensor  # [num_seqs] int32 on device: seqused_k
-    kv_starts: torch.Tensor  # [num_seqs] int32 on device: row of token 0 of each sequence in kv_flat
-    kv_write_index: torch.Tensor  # [num_tokens] int64 on device: row in kv_flat for each new token's K/V
+    kv_write_index: torch.Tensor  # [num_tokens] int64 on device: flat row of each new token's K/V
+    kv_starts: torch.Tensor | None = None  # contiguous: [num_seqs] int32, flat row of token 0
+    starts: list[int] | None = None  # contiguous: the same on the host
+    block_tables: torch.Tensor | None = None  # paged: [num_seqs, max_blocks] int32 on device
+    block_tables_host: list[list[int]] | None = None  # paged: the same on the host, unpadded
+    block_size: int = 0  # paged: tokens per block
 
     @property
     def num_seqs(self) -> int:
-        return len(self.slots)
+        return len(self.query_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds exactly one token (the decode-only fast path)."""
+        return self.max_query_len == 1
 
 
-def build_metadata(slots: list[int], query_lens: list[int], seq_lens: list[int],
-                   slot_stride_tokens: int, device: torch.device) -> AttentionMetadata:
-    """Metadata for sequences at `slots`, each adding query_lens[i] tokens and ending at seq_lens[i]."""
-    starts = [s * slot_stride_tokens for s in slots]
-    write = [start + pos for start, q, n in zip(starts, query_lens, seq_lens) for pos in range(n - q, n)]
-    cu_q = [0, *itertools.accumulate(query_lens)]
+def _on(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-    def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-    return AttentionMetadata(
-        slots=slots, query_lens=query_lens, seq_lens=seq_lens, max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens), query_start_loc=on_device(cu_q, torch.int32),
-        seq_lens_t=on_device(seq_lens, torch.int32), kv_starts=on_device(starts, torch.int32),
-        kv_write_index=on_device(write, torch.int64))
+def _common(query_lens: list[int], seq_lens: list[int], write: list[int], device) -> dict:
+    return dict(query_lens=query_lens, seq_lens=seq_lens, max_query_len=max(query_lens),
+                max_seq_len=max(seq_lens),
+                query_start_loc=_on([0, *itertools.accumulate(query_lens)], torch.int32, device),
+                seq_lens_t=_on(seq_lens, torch.int32, device),
+                kv_write_index=_on(write, torch.int64, device))
+
+
+def build_contiguous_metadata(starts: list[int], query_lens: list[int], seq_lens: list[int],
+                              device: torch.device) -> AttentionMetadata:
+    """Sequences whose token 0 is at flat row starts[i], adding query_lens[i] tokens each."""
+    write = [s + pos for s, q, n in zip(starts, query_lens, seq_lens) for pos in range(n - q, n)]
+    return AttentionMetadata(**_common(query_lens, seq_lens, write, device),
+                             kv_starts=_on(starts, torch.int32, device), starts=starts)
+
+
+def build_paged_metadata(block_tables: list[list[int]], block_size: int, query_lens: list[int],
+                         seq_lens: list[int], device: torch.device) -> AttentionMetadata:
+    """Sequences whose tokens live in the blocks listed by block_tables[i]."""
+    write = [table[pos // block_size] * block_size + pos % block_size
+             for table, q, n in zip(block_tables, query_lens, seq_lens) for pos in range(n - q, n)]
+    width = max(len(t) for t in block_tables)
+    padded = [t + [0] * (width - len(t)) for t in block_tables]
+    return AttentionMetadata(**_common(query_lens, seq_lens, write, device),
+                             block_tables=torch.tensor(padded, dtype=torch.int32).to(device, non_blocking=True),
+                             block_tables_host=block_tables, block_size=block_size)

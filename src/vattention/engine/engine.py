@@ -21,7 +21,7 @@ from ..models.presets import PRESETS
 from ..outputs import RequestOutput
 from ..sampling import Sampler
 from ..sampling_params import SamplingParams
-from .kv_manager import VAttentionKVManager
+from .kv_manager import make_kv_manager
 from .output_processor import OutputProcessor, make_request_output
 from .request import Request
 from .runner import ModelRunner
@@ -48,19 +48,18 @@ class LLMEngine:
         spec = KVCacheSpec(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
                            head_dim=arch.head_dim, dtype=self.dtype, max_seqs=sc.max_num_seqs,
                            max_seq_len=self.max_model_len, layout=cc.layout)
-        self.kv = VAttentionKVManager(spec, self.device, self._kv_budget(spec), cc.page_size,
-                                      cc.eager_cushion_groups)
+        self.kv = make_kv_manager(cc.kv_cache, spec, self.device, self._kv_budget(spec),
+                                  cc.page_size, cc.eager_cushion_groups, cc.block_size)
         self.scheduler = Scheduler(self.kv, sc.max_num_seqs, sc.max_num_batched_tokens)
-        backend = make_backend(cc.attention_backend, arch.head_dim, self.device)
+        backend = make_backend(cc.attention_backend, self.kv.kind, arch.head_dim, self.device)
         self.runner = ModelRunner(self.model, self.kv, backend, Sampler(), self.device,
                                   sc.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
-        self.max_request_tokens = min(self.max_model_len, self.kv.cache.layout.tokens_in(
-            self.kv.stats().pages_total // self.kv.cache.layout.num_tensors))
+        self.max_request_tokens = min(self.max_model_len, self.kv.max_tokens_per_request)
         self._groups: dict[str, list[Request]] = {}  # request id -> its n samples
         self._ids = itertools.count()
         self.peak_bytes_used = 0  # most KV bytes holding tokens after any step
-        self.peak_bytes_mapped = 0  # most KV bytes mapped after any step
+        self.peak_bytes_committed = 0  # most KV bytes mapped/allocated/reserved after any step
         self.last_step_shape = (0, 0)  # (sequences, tokens) the last step computed
 
     def _kv_budget(self, spec: KVCacheSpec) -> int:
@@ -144,9 +143,9 @@ class LLMEngine:
                 self.scheduler.finish(req, reason)
             group_id = req.request_id.rsplit("#", 1)[0]
             touched[group_id] = self._groups[group_id]
-        stats = self.kv.stats()
-        self.peak_bytes_used = max(self.peak_bytes_used, stats.bytes_used)
-        self.peak_bytes_mapped = max(self.peak_bytes_mapped, stats.bytes_mapped)
+        usage = self.kv.usage()
+        self.peak_bytes_used = max(self.peak_bytes_used, usage.bytes_used)
+        self.peak_bytes_committed = max(self.peak_bytes_committed, usage.bytes_committed)
         results = [make_request_output(group) for group in touched.values()]
         for result in results:
             if result.finished:
@@ -154,14 +153,18 @@ class LLMEngine:
         return results
 
     def memory_summary(self) -> str:
-        """One line: peak KV bytes used vs mapped, and where the mappings happened."""
+        """One line: peak KV bytes holding tokens vs committed to hold them."""
         mib = 1 << 20
-        c = self.kv.stats().counters
-        util = self.peak_bytes_used / self.peak_bytes_mapped if self.peak_bytes_mapped else 1.0
-        return (f"KV cache ({self.config.cache.kv_cache}, {self.config.cache.layout}): peak "
-                f"{self.peak_bytes_used / mib:.2f} MiB used / {self.peak_bytes_mapped / mib:.2f} MiB "
-                f"mapped ({util:.0%}); pages mapped {c.pages_mapped_background} in background, "
-                f"{c.pages_mapped_critical} on the critical path")
+        cc = self.config.cache
+        design = cc.kv_cache + (f", {cc.layout}" if cc.kv_cache == "vattention" else "")
+        util = self.peak_bytes_used / self.peak_bytes_committed if self.peak_bytes_committed else 1.0
+        line = (f"KV cache ({design}): peak {self.peak_bytes_used / mib:.2f} MiB used / "
+                f"{self.peak_bytes_committed / mib:.2f} MiB mapped ({util:.0%})")
+        counters = self.kv.usage().counters
+        if "pages_mapped_background" in counters:
+            line += (f"; pages mapped {counters['pages_mapped_background']} in background, "
+                     f"{counters['pages_mapped_critical']} on the critical path")
+        return line
 
     def close(self) -> None:
         self.kv.close()

@@ -1,82 +1,70 @@
 """KV managers: where each request's KV lives. The scheduler asks "can this request hold n
-tokens?" (allocate) and the runner asks for the layer tensors; both go through this interface,
-so other designs (paged, static) can sit behind it."""
+tokens?" (allocate); the runner asks for the step's attention metadata and the layer tensors.
+Three designs sit behind this one interface, so they can be compared in one engine:
+
+  vattention  slots of contiguous virtual tensors, physical pages mapped on demand (kv_vattention.py)
+  paged       a vLLM-style pool of fixed-size blocks and per-request block tables (kv_paged.py)
+  static      max_model_len reserved per admitted request up front, ordinary memory (kv_static.py)
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from ..attention import ContiguousKV
-from ..memory import CacheStats, KVCacheSpec, VirtualKVCache
+from ..attention import AttentionMetadata, LayerKV
+from ..memory import KVCacheSpec
+
+
+@dataclass
+class KVUsage:
+    """A snapshot of KV memory, comparable across designs."""
+
+    bytes_used: int  # bytes of tokens the running requests hold
+    bytes_committed: int  # bytes set aside for them: mapped pages, allocated blocks, reservations
+    bytes_capacity: int  # the budget
+    num_requests: int  # requests holding KV now
+    counters: dict = field(default_factory=dict)  # design-specific totals (e.g. pages mapped in background)
+
+    @property
+    def utilization(self) -> float:
+        return self.bytes_used / self.bytes_committed if self.bytes_committed else 1.0
 
 
 class KVManager(Protocol):
-    slot_stride_tokens: int  # rows between consecutive slots in the flat layer views
+    kind: str  # "contiguous" or "paged": which attention backends can read it
+    max_tokens_per_request: int  # the most tokens one request can ever hold (budget and context)
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
         """Make the request hold tokens [0, num_tokens); False (nothing changed) if memory is short."""
 
     def free(self, request_id: str) -> None: ...
 
-    def slot_of(self, request_id: str) -> int: ...
-
     def prepare(self, lengths: dict[str, int]) -> None:
         """The next step's lengths, so memory can be readied while this step computes."""
 
-    def layer_caches(self) -> list[ContiguousKV]: ...
+    def build_metadata(self, request_ids: list[str], query_lens: list[int], seq_lens: list[int],
+                       device: torch.device) -> AttentionMetadata: ...
 
-    def stats(self) -> CacheStats: ...
+    def layer_caches(self) -> list[LayerKV]: ...
+
+    def usage(self) -> KVUsage: ...
 
     def close(self) -> None: ...
 
 
-class VAttentionKVManager:
-    """Each request owns one slot of a VirtualKVCache; growth maps pages on demand."""
-
-    def __init__(self, spec: KVCacheSpec, device: torch.device, memory_budget_bytes: int,
-                 page_size: int | None = None, eager_cushion_groups: int = 1):
-        self.cache = VirtualKVCache(spec, device=device, memory_budget_bytes=memory_budget_bytes,
-                                    page_size=page_size, eager_cushion_groups=eager_cushion_groups)
-        self.slot_stride_tokens = self.cache.slot_stride_tokens
-        self._slots: dict[str, int] = {}  # request id -> slot
-        self._caches = []
-        for layer in range(spec.num_layers):
-            k, v = self.cache.kv(layer)
-            k_flat, v_flat = self.cache.kv_flat(layer)
-            self._caches.append(ContiguousKV(k, v, k_flat, v_flat))
-
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        slot = self._slots.get(request_id)
-        new = slot is None
-        if new:
-            slot = self.cache.alloc_slot(num_tokens)
-            if slot is None:
-                return False
-        if not self.cache.ensure(slot, num_tokens):
-            if new:
-                self.cache.free(slot)
-            return False
-        self._slots[request_id] = slot
-        return True
-
-    def free(self, request_id: str) -> None:
-        slot = self._slots.pop(request_id, None)
-        if slot is not None:
-            self.cache.free(slot)
-
-    def slot_of(self, request_id: str) -> int:
-        return self._slots[request_id]
-
-    def prepare(self, lengths: dict[str, int]) -> None:
-        self.cache.prepare({self._slots[r]: n for r, n in lengths.items() if r in self._slots})
-
-    def layer_caches(self) -> list[ContiguousKV]:
-        return self._caches
-
-    def stats(self) -> CacheStats:
-        return self.cache.stats()
-
-    def close(self) -> None:
-        self.cache.close()
+def make_kv_manager(kind: str, spec: KVCacheSpec, device: torch.device, budget_bytes: int,
+                    page_size: int | None = None, eager_cushion_groups: int = 1,
+                    block_size: int = 16) -> KVManager:
+    if kind == "vattention":
+        from .kv_vattention import VAttentionKVManager
+        return VAttentionKVManager(spec, device, budget_bytes, page_size, eager_cushion_groups)
+    if kind == "paged":
+        from .kv_paged import PagedKVManager
+        return PagedKVManager(spec, device, budget_bytes, block_size)
+    if kind == "static":
+        from .kv_static import StaticKVManager
+        return StaticKVManager(spec, device, budget_bytes)
+    raise ValueError(f"unknown kv_cache {kind!r}; choose vattention, paged or static")

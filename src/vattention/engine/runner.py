@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import build_metadata
 from ..sampling import Sampler, SamplingBatch
 from .kv_manager import KVManager
 from .scheduler import SchedulerOutput
@@ -42,17 +41,17 @@ class ModelRunner:
         items = sched.scheduled
         token_ids: list[int] = []
         positions: list[int] = []
-        slots, query_lens, seq_lens = [], [], []
+        request_ids, query_lens, seq_lens = [], [], []
         for item in items:
             req, start = item.request, item.request.num_computed_tokens
             end = start + item.num_new_tokens
             token_ids += req.token_ids(start, end)
             positions += range(start, end)
-            slots.append(self.kv.slot_of(req.request_id))
+            request_ids.append(req.request_id)
             query_lens.append(item.num_new_tokens)
             seq_lens.append(end)
         self.kv.prepare(self._next_lengths(sched))
-        meta = build_metadata(slots, query_lens, seq_lens, self.kv.slot_stride_tokens, self.device)
+        meta = self.kv.build_metadata(request_ids, query_lens, seq_lens, self.device)
         ids = torch.tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         hidden = self.model(ids, pos, self.kv.layer_caches(), meta, self.backend)  # [T, hidden]

@@ -323,12 +323,15 @@ class VirtualKVCache:
                     self._lock.notify_all()  # wake wait(): everything prepared is done
                     self._lock.wait()
                     continue
-                slot = next(iter(self._pending))
+                # A slot stays pending until it can be planned, so wait() never sees "nothing
+                # pending, nothing running" while this thread still owes that slot its pages.
+                slot = next((i for i in self._pending if not self._slots[i].inflight), None)
+                if slot is None:
+                    self._lock.wait()  # every pending slot is owned by another job for now
+                    continue
                 num_tokens = self._pending.pop(slot)
                 s = self._slots[slot]
-                while s.inflight and not self._stopping:
-                    self._lock.wait()
-                if not s.busy or self._stopping:
+                if not s.busy:
                     continue
                 job = self._plan(s, self.layout.groups_for(num_tokens), self.eager_cushion_groups,
                                  background=True)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionMetadata, ContiguousKV
+from ..attention import AttentionMetadata, LayerKV
 from .config import ModelArchConfig
 
 
@@ -70,7 +70,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: ContiguousKV, meta: AttentionMetadata, backend):
+    def forward(self, x, cos, sin, cache: LayerKV, meta: AttentionMetadata, backend):
         t = x.shape[0]
         q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
@@ -123,7 +123,7 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[ContiguousKV],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[LayerKV],
                 meta: AttentionMetadata, backend) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)

@@ -1,0 +1,73 @@
+"""The PagedAttention baseline (vLLM style): one pool of fixed-size blocks per layer, allocated
+up front; a request's tokens live in the blocks its block table lists, in order.
+
+  block table [7, 2, 9]   token t -> block table[t // block_size], offset t % block_size
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import AttentionMetadata, LayerKV, build_paged_metadata
+from ..memory import KVCacheSpec
+from .kv_manager import KVUsage
+
+
+class PagedKVManager:
+    kind = "paged"
+
+    def __init__(self, spec: KVCacheSpec, device: torch.device, budget_bytes: int, block_size: int = 16):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.spec = spec
+        self.block_size = block_size
+        self.block_bytes = block_size * spec.bytes_per_token  # one block across all layers, K and V
+        self.num_blocks = budget_bytes // self.block_bytes
+        if self.num_blocks == 0:
+            raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block of {block_size} "
+                             f"tokens ({self.block_bytes} bytes); raise the budget")
+        self.max_tokens_per_request = min(spec.max_seq_len, self.num_blocks * block_size)
+        shape = (self.num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self._caches = []
+        for _ in range(spec.num_layers):
+            k = torch.empty(shape, dtype=spec.dtype, device=device)
+            v = torch.empty(shape, dtype=spec.dtype, device=device)
+            self._caches.append(LayerKV(k.view(-1, *shape[2:]), v.view(-1, *shape[2:]),
+                                        k_blocks=k, v_blocks=v))
+        self._free_blocks = list(range(self.num_blocks - 1, -1, -1))  # a stack: pop() is the next
+        self._tables: dict[str, list[int]] = {}  # request id -> its blocks in token order
+        self._tokens: dict[str, int] = {}  # request id -> tokens it holds
+
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        table = self._tables.get(request_id, [])
+        need = -(-num_tokens // self.block_size) - len(table)
+        if need > len(self._free_blocks):
+            return False
+        if need > 0:
+            table = table + [self._free_blocks.pop() for _ in range(need)]
+        self._tables[request_id] = table
+        self._tokens[request_id] = num_tokens
+        return True
+
+    def free(self, request_id: str) -> None:
+        self._free_blocks.extend(reversed(self._tables.pop(request_id, [])))
+        self._tokens.pop(request_id, None)
+
+    def prepare(self, lengths: dict[str, int]) -> None:
+        pass  # blocks are preallocated: growth is a list pop, nothing to overlap
+
+    def build_metadata(self, request_ids, query_lens, seq_lens, device) -> AttentionMetadata:
+        return build_paged_metadata([self._tables[r] for r in request_ids], self.block_size,
+                                    query_lens, seq_lens, device)
+
+    def layer_caches(self) -> list[LayerKV]:
+        return self._caches
+
+    def usage(self) -> KVUsage:
+        blocks = sum(len(t) for t in self._tables.values())
+        return KVUsage(sum(self._tokens.values()) * self.spec.bytes_per_token, blocks * self.block_bytes,
+                       self.num_blocks * self.block_bytes, len(self._tables),
+                       counters={"blocks_total": self.num_blocks, "blocks_free": len(self._free_blocks)})
+
+    def close(self) -> None:
+        self._caches = []

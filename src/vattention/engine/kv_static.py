@@ -1,0 +1,71 @@
+"""The static baseline (pre-vLLM serving): every admitted request reserves max_model_len tokens
+of KV up front, in one ordinary tensor [num_slots, max_model_len, layers, 2, H_kv, D]. Simple
+and contiguous, but a request's unused tail is committed the whole time it runs."""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import AttentionMetadata, LayerKV, build_contiguous_metadata
+from ..memory import KVCacheSpec
+from .kv_manager import KVUsage
+
+
+class StaticKVManager:
+    kind = "contiguous"
+
+    def __init__(self, spec: KVCacheSpec, device: torch.device, budget_bytes: int):
+        self.spec = spec
+        self.slot_bytes = spec.max_seq_len * spec.bytes_per_token
+        self.num_slots = min(spec.max_seqs, budget_bytes // self.slot_bytes)
+        if self.num_slots == 0:
+            raise ValueError(f"a KV budget of {budget_bytes} bytes cannot reserve one request of "
+                             f"max_model_len={spec.max_seq_len} ({self.slot_bytes} bytes); raise the "
+                             f"budget or lower max_model_len")
+        self.max_tokens_per_request = spec.max_seq_len
+        L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        self._buffer = torch.empty(self.num_slots, spec.max_seq_len, L, 2, H, D, dtype=spec.dtype,
+                                   device=device)
+        self._caches = []
+        for layer in range(L):
+            k, v = self._buffer[:, :, layer, 0], self._buffer[:, :, layer, 1]  # [slots, T, H, D]
+            row = L * 2 * H * D
+            k_flat = k.as_strided((self.num_slots * spec.max_seq_len, H, D), (row, D, 1))
+            v_flat = v.as_strided((self.num_slots * spec.max_seq_len, H, D), (row, D, 1))
+            self._caches.append(LayerKV(k_flat, v_flat, k=k, v=v))
+        self._free_slots = list(range(self.num_slots - 1, -1, -1))
+        self._slots: dict[str, int] = {}  # request id -> slot
+        self._tokens: dict[str, int] = {}
+
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        if request_id not in self._slots:
+            if not self._free_slots:
+                return False
+            self._slots[request_id] = self._free_slots.pop()
+        self._tokens[request_id] = num_tokens
+        return True
+
+    def free(self, request_id: str) -> None:
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+        self._tokens.pop(request_id, None)
+
+    def prepare(self, lengths: dict[str, int]) -> None:
+        pass  # everything was reserved at admission
+
+    def build_metadata(self, request_ids, query_lens, seq_lens, device) -> AttentionMetadata:
+        return build_contiguous_metadata([self._slots[r] * self.spec.max_seq_len for r in request_ids],
+                                         query_lens, seq_lens, device)
+
+    def layer_caches(self) -> list[LayerKV]:
+        return self._caches
+
+    def usage(self) -> KVUsage:
+        return KVUsage(sum(self._tokens.values()) * self.spec.bytes_per_token,
+                       len(self._slots) * self.slot_bytes, self.num_slots * self.slot_bytes,
+                       len(self._slots))
+
+    def close(self) -> None:
+        self._caches = []
+        self._buffer = None

@@ -1,0 +1,65 @@
+"""The vAttention KV manager: each request owns one slot of a VirtualKVCache; growth maps pages
+on demand, and the next step's lengths are mapped in the background while this step computes."""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import AttentionMetadata, LayerKV, build_contiguous_metadata
+from ..memory import KVCacheSpec, VirtualKVCache
+from .kv_manager import KVUsage
+
+
+class VAttentionKVManager:
+    kind = "contiguous"
+
+    def __init__(self, spec: KVCacheSpec, device: torch.device, budget_bytes: int,
+                 page_size: int | None = None, eager_cushion_groups: int = 1):
+        self.cache = VirtualKVCache(spec, device=device, memory_budget_bytes=budget_bytes,
+                                    page_size=page_size, eager_cushion_groups=eager_cushion_groups)
+        lay = self.cache.layout
+        self.max_tokens_per_request = lay.tokens_in(self.cache.stats().pages_total // lay.num_tensors)
+        self._slots: dict[str, int] = {}  # request id -> slot
+        self._caches = []
+        for layer in range(spec.num_layers):
+            k, v = self.cache.kv(layer)
+            k_flat, v_flat = self.cache.kv_flat(layer)
+            self._caches.append(LayerKV(k_flat, v_flat, k=k, v=v))
+
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        slot = self._slots.get(request_id)
+        new = slot is None
+        if new:
+            slot = self.cache.alloc_slot(num_tokens)
+            if slot is None:
+                return False
+        if not self.cache.ensure(slot, num_tokens):
+            if new:
+                self.cache.free(slot)
+            return False
+        self._slots[request_id] = slot
+        return True
+
+    def free(self, request_id: str) -> None:
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            self.cache.free(slot)
+
+    def prepare(self, lengths: dict[str, int]) -> None:
+        self.cache.prepare({self._slots[r]: n for r, n in lengths.items() if r in self._slots})
+
+    def build_metadata(self, request_ids, query_lens, seq_lens, device) -> AttentionMetadata:
+        stride = self.cache.slot_stride_tokens
+        return build_contiguous_metadata([self._slots[r] * stride for r in request_ids],
+                                         query_lens, seq_lens, device)
+
+    def layer_caches(self) -> list[LayerKV]:
+        return self._caches
+
+    def usage(self) -> KVUsage:
+        st = self.cache.stats()
+        return KVUsage(st.bytes_used, st.bytes_mapped, st.pages_total * st.page_size,
+                       st.num_slots_busy, counters=vars(st.counters))
+
+    def close(self) -> None:
+        self.cache.close()

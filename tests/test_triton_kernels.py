@@ -48,7 +48,7 @@ td = _import_kernels()
 # plus the fp32 softmax weights rounded to the input dtype before P @ V.
 TOLERANCE = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}
 # Lengths: 1, non-multiples of every block size, and a few thousand (hundreds on the interpreter).
-LENGTHS = [1, 17, 255, 1000, 4097, 16_385, 32_768] if on_cuda else [1, 17, 130, 257, 1500, 3001]
+LENGTHS = [1, 17, 255, 1000, 4097, 16_385, 32_768] if on_cuda else [1, 17, 130, 257, 1500, 2049]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -144,8 +144,10 @@ def pick_lengths(seed: int, count: int) -> list[int]:
 
 # ---- the kernels against the reference ---------------------------------------------------------
 
+# Every GQA ratio x head dim; on the interpreter (which pays per tile) each with one of the dtypes.
 SHAPES = [(group, head_dim, dtype) for group in (1, 4, 8) for head_dim in (64, 128)
-          for dtype in (torch.bfloat16, torch.float16)]
+          for dtype in (torch.bfloat16, torch.float16)
+          if on_cuda or (dtype == torch.bfloat16) == ((group + head_dim // 64) % 2 == 0)]
 
 
 @pytest.mark.parametrize("group,head_dim,dtype", SHAPES, ids=str)

@@ -147,9 +147,10 @@ class TritonBackend:
         if meta.is_decode:
             if meta.block_tables is None:
                 return triton_decode.contiguous_decode(q, cache.k_flat, cache.v_flat, meta.kv_starts,
-                                                       meta.seq_lens_t, self.scale)
+                                                       meta.seq_lens_t, self.scale,
+                                                       max_seq_len=meta.max_seq_len)
             return triton_decode.paged_decode(q, cache.k_blocks, cache.v_blocks, meta.block_tables,
-                                              meta.seq_lens_t, self.scale)
+                                              meta.seq_lens_t, self.scale, max_seq_len=meta.max_seq_len)
         if meta.block_tables is None:
             return flash_varlen(q, cache.k_flat, cache.v_flat, meta, meta.kv_starts, self.scale)
         return self._paged_prefill(q, cache, meta)

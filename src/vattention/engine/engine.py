@@ -117,7 +117,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV memory."""
-        for req in self._groups.get(request_id, []):
+        for req in self._groups.pop(request_id, []):
             if not req.finished:
                 self.scheduler.finish(req, "abort")
 

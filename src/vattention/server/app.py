@@ -1,0 +1,272 @@
+"""The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health,
+/metrics, /tokenize and /detokenize.
+
+A generation request is validated and tokenized here (on the event loop), submitted to the
+AsyncEngine, then followed as a Generation (stream.py): chunks go out as server-sent events while
+the engine produces them, or one JSON body at the end. If the client goes away first, the request
+is aborted at once (its KV memory freed): Starlette cancels a streaming response when the
+connection drops; a non-streaming one races its work against the http.disconnect message.
+Errors and the API key check are in errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import jinja2
+from fastapi import Depends, FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..sampling_params import SamplingParams
+from .async_engine import (AsyncEngine, EngineOverloadedError, EngineStoppedError,
+                           RequestFailedError)
+from .errors import add_error_handlers, bearer_check, parse_body
+from .metrics import ServerMetrics
+from .protocol import (APIError, AssistantMessage, ChatChoice, ChatCompletionChunk,
+                       ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatStreamChoice,
+                       CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
+                       DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+                       TokenizeRequest, TokenizeResponse, chat_logprobs, completion_logprobs,
+                       usage_of)
+from .stream import ChoiceDelta, DeltaTracker, Generation, sse_events, unless_disconnected
+
+
+def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
+              shutdown_timeout_s: float = 30.0) -> FastAPI:
+    """The app around a started AsyncEngine; the app's shutdown shuts the engine down."""
+    server = OpenAIServer(async_engine, served_model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(async_engine.shutdown, shutdown_timeout_s)
+
+    app = FastAPI(title="vattention", lifespan=lifespan)
+    add_error_handlers(app)
+    auth = [Depends(bearer_check(api_key))] if api_key else []
+
+    app.get("/health")(server.health)
+    app.get("/metrics")(server.metrics_page)
+    app.post("/tokenize")(server.tokenize)
+    app.post("/detokenize")(server.detokenize)
+    app.get("/v1/models", dependencies=auth)(server.models)
+    app.post("/v1/completions", dependencies=auth)(server.completions)
+    app.post("/v1/chat/completions", dependencies=auth)(server.chat)
+    return app
+
+
+class OpenAIServer:
+    """What the endpoints do, apart from routing."""
+
+    def __init__(self, async_engine: AsyncEngine, served_model_name: str):
+        self.async_engine = async_engine
+        self.model_name = served_model_name
+        self.metrics = ServerMetrics(lambda: async_engine.stats)
+        engine = async_engine.engine
+        self.tokenizer = engine.tokenizer  # None for token-id-only models
+        self.max_model_len = engine.max_model_len
+        self.context_limit = engine.max_request_tokens  # prompt + completion tokens per request
+        self.vocab_size = engine.model.config.vocab_size
+
+    # ---- small endpoints ----------------------------------------------------------------------
+
+    async def health(self) -> Response:
+        failure = self.async_engine.stats.failure
+        if failure is not None:
+            raise APIError(503, f"the engine failed: {failure}", type="server_error")
+        return Response(status_code=200)
+
+    async def metrics_page(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len)])
+
+    async def tokenize(self, request: HTTPRequest) -> TokenizeResponse:
+        body = await parse_body(request, TokenizeRequest)
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = self._chat_prompt(body.messages, body.add_generation_prompt)
+        else:
+            ids = self._need_tokenizer().encode(body.prompt,
+                                                add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)
+
+    async def detokenize(self, request: HTTPRequest) -> DetokenizeResponse:
+        body = await parse_body(request, DetokenizeRequest)
+        self._check_model(body.model)
+        self._check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=self._need_tokenizer().decode(body.tokens,
+                                                                       skip_special_tokens=False))
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    async def completions(self, request: HTTPRequest) -> Response:
+        body = await parse_body(request, CompletionRequest)
+        self._check_model(body.model)
+        prompt_ids, prompt_text = self._completion_prompt(body.prompt)
+        max_tokens = self._max_tokens(body.max_tokens, len(prompt_ids), "prompt")
+        params = body.to_sampling_params(max_tokens)
+        self._check_context(len(prompt_ids), max_tokens, "prompt")
+        echo = ""
+        if body.echo:
+            echo = prompt_text or self._need_tokenizer().decode(prompt_ids)
+        gen = await self._submit("cmpl", prompt_ids, params)
+
+        def chunk(d: ChoiceDelta) -> CompletionResponse:
+            logprobs = None
+            if d.logprobs is not None:
+                logprobs = completion_logprobs(d.logprobs, d.top_logprobs, d.text_offset)
+            choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs,
+                                      finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+            return CompletionResponse(id=gen.request_id, created=gen.created,
+                                      model=self.model_name, choices=[choice])
+
+        if body.stream:
+            usage_chunk = CompletionResponse(id=gen.request_id, created=gen.created,
+                                             model=self.model_name, choices=[])
+            return _sse(sse_events(gen, DeltaTracker(params, echo), chunk, usage_chunk,
+                                   body.include_usage))
+        out = await unless_disconnected(request, gen.final())
+        if out is None:
+            return Response(status_code=499)  # nobody is listening
+        choices = []
+        for c in out.outputs:
+            logprobs = None
+            if c.logprobs is not None:
+                logprobs = completion_logprobs(c.logprobs, c.top_logprobs, len(echo))
+            choices.append(CompletionChoice(index=c.index, text=echo + c.text, logprobs=logprobs,
+                                            finish_reason=c.finish_reason,
+                                            stop_reason=c.stop_reason))
+        return _json(CompletionResponse(id=gen.request_id, created=gen.created,
+                                        model=self.model_name, choices=choices,
+                                        usage=usage_of(out)))
+
+    async def chat(self, request: HTTPRequest) -> Response:
+        body = await parse_body(request, ChatCompletionRequest)
+        self._check_model(body.model)
+        prompt_ids = self._chat_prompt(body.messages, add_generation_prompt=True)
+        max_tokens = self._max_tokens(body.requested_max_tokens, len(prompt_ids), "messages")
+        params = body.to_sampling_params(max_tokens)
+        self._check_context(len(prompt_ids), max_tokens, "messages")
+        gen = await self._submit("chatcmpl", prompt_ids, params)
+
+        def chunk(d: ChoiceDelta) -> ChatCompletionChunk:
+            logprobs = None if d.logprobs is None else chat_logprobs(d.logprobs, d.top_logprobs)
+            delta = DeltaMessage(role="assistant" if d.first else None, content=d.text or None)
+            choice = ChatStreamChoice(index=d.index, delta=delta, logprobs=logprobs,
+                                      finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+            return ChatCompletionChunk(id=gen.request_id, created=gen.created,
+                                       model=self.model_name, choices=[choice])
+
+        if body.stream:
+            usage_chunk = ChatCompletionChunk(id=gen.request_id, created=gen.created,
+                                              model=self.model_name, choices=[])
+            return _sse(sse_events(gen, DeltaTracker(params), chunk, usage_chunk,
+                                   body.include_usage))
+        out = await unless_disconnected(request, gen.final())
+        if out is None:
+            return Response(status_code=499)
+        choices = [ChatChoice(
+            index=c.index, message=AssistantMessage(content=c.text),
+            logprobs=None if c.logprobs is None else chat_logprobs(c.logprobs, c.top_logprobs),
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
+        return _json(ChatCompletionResponse(id=gen.request_id, created=gen.created,
+                                            model=self.model_name, choices=choices,
+                                            usage=usage_of(out)))
+
+    # ---- request checks -----------------------------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves "
+                                f"`{self.model_name}`.", param="model", code="model_not_found")
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer; send prompts as token ids")
+        return self.tokenizer
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of range [0, {self.vocab_size})",
+                           param=param)
+
+    def _completion_prompt(self, prompt) -> tuple[list[int], str | None]:
+        """(token ids, text if given as text) of a str, list[int] or one-element list prompt."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError(400, f"batched prompts are not supported ({len(prompt)} given); "
+                                    f"send one request per prompt", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids, text = self._need_tokenizer().encode(prompt), prompt
+        else:
+            ids, text = list(prompt), None
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        self._check_token_ids(ids, "prompt")
+        return ids, text
+
+    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        tokenizer = self._need_tokenizer()
+        try:
+            text = tokenizer.apply_chat_template([m.for_template() for m in messages],
+                                                 add_generation_prompt=add_generation_prompt)
+        except (ValueError, jinja2.TemplateError) as e:
+            raise APIError(400, f"the chat template could not render the messages: {e}",
+                           param="messages") from None
+        # The template already holds the BOS text; encode without adding special tokens again.
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def _max_tokens(self, requested: int | None, prompt_len: int, noun: str) -> int:
+        """The completion budget: as asked, else all the context the prompt leaves."""
+        if prompt_len >= self.context_limit:
+            raise APIError(400, f"This model's maximum context length is {self.context_limit} "
+                                f"tokens. However, your {noun} resulted in {prompt_len} tokens, "
+                                f"which leaves no room for the completion. Please reduce the "
+                                f"length of the {noun}.",
+                           param=noun, code="context_length_exceeded")
+        return requested if requested is not None else self.context_limit - prompt_len
+
+    def _check_context(self, prompt_len: int, max_tokens: int, noun: str) -> None:
+        if prompt_len + max_tokens > self.context_limit:
+            raise APIError(400, f"This model's maximum context length is {self.context_limit} "
+                                f"tokens. However, you requested {prompt_len + max_tokens} tokens "
+                                f"({prompt_len} in the {noun}, {max_tokens} in the completion). "
+                                f"Please reduce the length of the {noun} or completion.",
+                           param=noun, code="context_length_exceeded")
+
+    async def _submit(self, kind: str, prompt_ids: list[int],
+                      params: SamplingParams) -> Generation:
+        request_id = f"{kind}-{uuid.uuid4().hex}"
+        arrival = time.monotonic()
+        try:
+            stream = await self.async_engine.add(request_id, prompt_ids, params)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        except EngineOverloadedError as e:
+            raise APIError(503, str(e), type="server_error", code="overloaded") from None
+        except EngineStoppedError as e:
+            raise APIError(503, str(e), type="server_error", code="unavailable") from None
+        except RequestFailedError as e:
+            raise APIError(500, str(e), type="server_error") from None
+        return Generation(stream, len(prompt_ids), self.async_engine, self.metrics, arrival)
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _json(payload) -> Response:
+    return Response(payload.model_dump_json(), media_type="application/json")

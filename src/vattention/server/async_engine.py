@@ -1,0 +1,279 @@
+"""AsyncEngine: the LLMEngine on a thread of its own, driven from asyncio.
+
+    handler ── add / abort ──> commands (queue.Queue) ──> engine thread
+    engine thread: drain commands, then LLMEngine.step() while work exists, else block on the queue
+    engine thread ── RequestOutput ──> RequestStream (asyncio.Queue, call_soon_threadsafe) ──> handler
+
+The engine thread builds, runs and closes the LLMEngine (so on CUDA the context it maps pages in
+is its own). Other threads only read what never changes after loading: tokenizer, lengths, config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from ..config import EngineConfig
+from ..engine import LLMEngine
+from ..engine.kv_manager import KVUsage
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+
+log = logging.getLogger("vattention.server")
+
+
+class EngineOverloadedError(Exception):
+    """Too many requests wait for admission; the client should retry later (HTTP 503)."""
+
+
+class EngineStoppedError(Exception):
+    """The engine is shutting down or has failed; it takes no new request (HTTP 503)."""
+
+
+class RequestFailedError(Exception):
+    """The engine failed while running the request, or gave up on it at shutdown."""
+
+
+@dataclass
+class EngineStats:
+    """What the engine thread publishes after every loop, for /metrics and /health."""
+
+    num_running: int = 0  # sequences in the running batch (each of a request's n samples counts)
+    num_waiting: int = 0  # sequences queued for admission
+    kv: KVUsage | None = None  # KV memory after the loop; None until the engine has loaded
+    failure: str | None = None  # why the engine stopped serving, if it broke
+
+
+class RequestStream:
+    """One request's outputs in order: the engine thread puts, the HTTP handler iterates.
+    Every output is the request's full state so far, so a reader that fell behind skips to the
+    newest one instead of replaying each step."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.finished = False  # the last output (or an error) has been read
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | Exception) -> None:
+        """Called on the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: nobody is reading any more
+            pass
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
+            item = self._queue.get_nowait()
+        self.finished = isinstance(item, Exception) or item.finished
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: RequestStream
+    accepted: asyncio.Future  # on the caller's loop: result None, or the reason it was refused
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Shutdown:
+    deadline: float  # time.monotonic() after which unfinished requests are aborted
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, max_queued_requests: int = 1024):
+        self.config = config
+        self.max_queued_requests = max_queued_requests  # waiting sequences past which adds get 503
+        self.stats = EngineStats()  # replaced (never mutated) by the engine thread
+        self._engine: LLMEngine | None = None
+        self._commands: queue.Queue[_Add | _Abort | _Shutdown] = queue.Queue()
+        self._accepting = False
+        self._accept_lock = threading.Lock()  # no add is queued behind the shutdown command
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="vattention-engine", daemon=True)
+        # Engine thread only:
+        self._streams: dict[str, RequestStream] = {}
+        self._deadline: float | None = None
+
+    # ---- any thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model on the engine thread; returns once it serves (re-raising a load error)."""
+        self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        self._accepting = True
+
+    @property
+    def engine(self) -> LLMEngine:
+        """For reading what loading fixed (tokenizer, max_model_len, config); never call it."""
+        assert self._engine is not None, "AsyncEngine.start() has not loaded the engine"
+        return self._engine
+
+    async def add(self, request_id: str, prompt_token_ids: list[int],
+                  params: SamplingParams) -> RequestStream:
+        """Queue a request; returns its stream once the engine took it. Raises ValueError (bad
+        input), EngineOverloadedError or EngineStoppedError when it did not."""
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, loop)
+        accepted = loop.create_future()
+        with self._accept_lock:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down")
+            self._commands.put(_Add(request_id, prompt_token_ids, params, stream, accepted))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)  # the add may still land; this abort is queued right behind it
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop the request and free its KV memory (at the engine thread's next command drain)."""
+        self._commands.put(_Abort(request_id))
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Stop taking requests, let those in flight finish for up to timeout_s, abort the rest,
+        close the engine. Blocks until the engine thread has ended."""
+        with self._accept_lock:
+            self._accepting = False
+            if self._thread.is_alive():
+                self._commands.put(_Shutdown(time.monotonic() + timeout_s))
+        self._thread.join(timeout_s + 60)  # the last step and closing the KV cache may take a while
+        if self._thread.is_alive():
+            log.error("the engine thread did not stop within %.0f s", timeout_s + 60)
+
+    # ---- engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._engine = LLMEngine(self.config)
+        except BaseException as e:  # start() raises it in the caller
+            self._load_error = e
+            self._loaded.set()
+            return
+        self._loaded.set()
+        engine = self._engine
+        self._publish()
+        while True:
+            idle = not engine.has_unfinished() or self.stats.failure is not None
+            if self._deadline is not None and (idle or time.monotonic() > self._deadline):
+                break
+            for command in self._next_commands(block=idle):
+                self._apply(command)
+            if engine.has_unfinished() and self.stats.failure is None:
+                self._step()
+            self._publish()
+        self._close()
+
+    def _next_commands(self, block: bool) -> list[_Add | _Abort | _Shutdown]:
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, command: _Add | _Abort | _Shutdown) -> None:
+        engine = self.engine
+        if isinstance(command, _Shutdown):
+            self._deadline = command.deadline
+        elif isinstance(command, _Abort):
+            if self._streams.pop(command.request_id, None) is not None:
+                engine.abort(command.request_id)
+        elif self.stats.failure is not None:
+            _resolve(command, EngineStoppedError(f"the engine failed: {self.stats.failure}"))
+        elif len(engine.scheduler.waiting) >= self.max_queued_requests:
+            _resolve(command, EngineOverloadedError(
+                f"the server is overloaded: {len(engine.scheduler.waiting)} sequences are waiting "
+                f"(--max-queued-requests {self.max_queued_requests}); retry later"))
+        else:
+            try:
+                engine.add_request(command.prompt_token_ids, command.params, command.request_id)
+            except ValueError as e:
+                _resolve(command, e)
+            except Exception as e:
+                log.exception("add_request failed for %s", command.request_id)
+                _resolve(command, RequestFailedError(f"the engine could not add the request: {e}"))
+            else:
+                self._streams[command.request_id] = command.stream
+                _resolve(command, None)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; failing the requests in flight")
+            self._fail_all(RequestFailedError(f"the engine failed: {e}"))
+            if self.engine.has_unfinished():  # aborting did not clear it: stop serving
+                self.stats = EngineStats(failure=f"{type(e).__name__}: {e}")
+            return
+        self._publish()  # stats first: a client that sees its request finish sees it gone from them
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put(out)
+                if out.finished:
+                    del self._streams[out.request_id]
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, stream in self._streams.items():
+            stream.put(error)
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                log.exception("abort of %s failed", request_id)
+        self._streams.clear()
+
+    def _publish(self) -> None:
+        if self.stats.failure is not None:
+            return
+        engine = self.engine
+        self.stats = EngineStats(num_running=len(engine.scheduler.running),
+                                 num_waiting=len(engine.scheduler.waiting), kv=engine.kv.usage())
+
+    def _close(self) -> None:
+        if self._streams:
+            log.warning("shutdown: aborting %d unfinished requests", len(self._streams))
+        self._fail_all(RequestFailedError("the server shut down before the request finished"))
+        self._publish()
+        self.engine.close()
+        log.info("engine stopped")
+
+
+def _resolve(command: _Add, error: Exception | None) -> None:
+    """Settle the add's future on its own loop (a cancelled caller no longer waits for it)."""
+    def settle():
+        if command.accepted.done():
+            return
+        if error is None:
+            command.accepted.set_result(None)
+        else:
+            command.accepted.set_exception(error)
+
+    try:
+        command.accepted.get_loop().call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's loop has closed
+        pass

@@ -1,0 +1,106 @@
+"""`vattention serve [MODEL]`: the OpenAI-compatible server, options generated from the configs.
+
+    vattention serve                       the built-in SmolLM2-135M-Instruct on port 8000
+    vattention serve /path/to/hf-model --port 8080 --api-key secret --max-num-seqs 32
+Also runnable as `python -m vattention.server.cli [args]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+from ..cli_args import add_dataclass_args, dataclass_values
+from ..config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `model` the default answers to
+API_KEY_ENV = "VATTENTION_API_KEY"
+
+
+@dataclass
+class ServerConfig:
+    """Where the OpenAI-compatible server listens, whom it answers and how it sheds load."""
+
+    host: str = "0.0.0.0"  # address to listen on (0.0.0.0 = every interface, as vllm serve does)
+    port: int = 8000  # TCP port
+    served_model_name: str | None = None  # the `model` clients send; None = the model argument (or the default model's HF name)
+    api_key: str | None = None  # require `Authorization: Bearer KEY` on /v1 (also read from $VATTENTION_API_KEY)
+    max_queued_requests: int = 1024  # sequences waiting for admission beyond which requests get HTTP 503
+    shutdown_timeout_s: float = 30.0  # on SIGTERM, seconds in-flight requests get to finish before they are aborted
+    log_level: str = "info"  # uvicorn's: critical, error, warning, info, debug, trace
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65536), got {self.port}")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """The serve subcommand's arguments: optional positional MODEL, then every config field."""
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="model directory or preset, same as --model (default: the built-in "
+                             "SmolLM2-135M-Instruct)")
+    add_dataclass_args(parser, ServerConfig)
+    for cls in ENGINE_CONFIGS:
+        add_dataclass_args(parser, cls)
+
+
+def serve_configs(ns: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    """The parsed flags as configs; ValueError/TypeError name what is wrong."""
+    if ns.model_tag is not None and ns.model not in (None, ns.model_tag):
+        raise ValueError(f"the model is given twice: {ns.model_tag!r} and --model {ns.model!r}")
+    engine_kwargs = {}
+    for cls in ENGINE_CONFIGS:
+        engine_kwargs.update(dataclass_values(ns, cls))
+    engine_kwargs["model"] = ns.model_tag or ns.model
+    server = ServerConfig(**dataclass_values(ns, ServerConfig))
+    if server.served_model_name is None:
+        server.served_model_name = engine_kwargs["model"] or DEFAULT_MODEL_NAME
+    if server.api_key is None:
+        server.api_key = os.environ.get(API_KEY_ENV) or None
+    return server, EngineConfig.from_kwargs(**engine_kwargs)
+
+
+def run_serve(ns: argparse.Namespace) -> int:
+    """Load the model, then serve until SIGINT/SIGTERM; 2 on bad options, else 0."""
+    import uvicorn
+
+    from .app import build_app
+    from .async_engine import AsyncEngine
+
+    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        server, engine_config = serve_configs(ns)
+        async_engine = AsyncEngine(engine_config, server.max_queued_requests)
+        async_engine.start()
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"vattention serve: error: {e}", file=sys.stderr)
+        return 2
+    app = build_app(async_engine, server.served_model_name, server.api_key,
+                    server.shutdown_timeout_s)
+    engine = async_engine.engine
+    logging.getLogger("vattention.server").info(
+        "serving %s (%s on %s, context %d tokens, KV cache %s) at http://%s:%d/v1",
+        server.served_model_name, engine.model_path, engine.device, engine.max_model_len,
+        engine.config.cache.kv_cache, server.host, server.port)
+    uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level,
+                timeout_graceful_shutdown=server.shutdown_timeout_s)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vattention serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_args(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

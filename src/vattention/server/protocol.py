@@ -1,0 +1,325 @@
+"""The OpenAI wire format: request bodies, responses, stream chunks and the error envelope.
+
+Requests name sampling parameters as OpenAI and vLLM do; `to_sampling_params` turns them into the
+engine's SamplingParams, whose own checks are the single source of the valid ranges (a ValueError
+from them becomes a 400 naming the parameter). Unknown fields are refused, as OpenAI refuses them,
+so a misspelt parameter is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..outputs import Logprob, RequestOutput
+from ..sampling_params import SamplingParams
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str  # invalid_request_error, not_found_error, server_error, ...
+    param: str | None = None  # the request field at fault, when known
+    code: str | int | None = None  # machine-readable reason, e.g. context_length_exceeded
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class APIError(Exception):
+    """An error the client caused or should retry; the app answers it as the OpenAI envelope."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status  # HTTP status
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False  # one more chunk at the end: no choices, the usage
+
+
+_PARAM_OF_FIELD = re.compile(r"^invalid SamplingParams: (\w+)")
+
+
+class _SamplingRequest(_Strict):
+    """Fields both endpoints share. None means "the default", as some clients send nulls."""
+
+    model: str | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM extension; 0 or -1 = all tokens
+    min_p: float | None = None  # vLLM extension
+    repetition_penalty: float | None = None  # vLLM extension
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM extension
+    ignore_eos: bool = False  # vLLM extension
+    skip_special_tokens: bool = True  # vLLM extension
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted for compatibility; unused
+
+    def _sampling_params(self, max_tokens: int, logprobs: int | None,
+                         param_names: dict[str, str]) -> SamplingParams:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true",
+                           param="stream_options")
+        given = {"n": self.n, "temperature": self.temperature, "top_p": self.top_p,
+                 "top_k": self.top_k, "min_p": self.min_p,
+                 "repetition_penalty": self.repetition_penalty,
+                 "presence_penalty": self.presence_penalty,
+                 "frequency_penalty": self.frequency_penalty, "seed": self.seed,
+                 "stop": self.stop, "stop_token_ids": self.stop_token_ids}
+        kwargs = {k: v for k, v in given.items() if v is not None}
+        try:
+            return SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs,
+                                  ignore_eos=self.ignore_eos,
+                                  skip_special_tokens=self.skip_special_tokens)
+        except ValueError as e:
+            # SamplingParams names the field first: "invalid SamplingParams: top_p must be ..."
+            m = _PARAM_OF_FIELD.match(str(e))
+            field = m.group(1) if m else None
+            raise APIError(400, str(e).removeprefix("invalid SamplingParams: "),
+                           param=param_names.get(field, field)) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions; None = up to the context
+    logprobs: int | None = None  # the sampled token's logprob and this many most likely ones
+    echo: bool = False  # the prompt text goes before the completion
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        if self.echo and self.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)",
+                           param="echo")
+        return self._sampling_params(max_tokens, self.logprobs, {})
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # chat templates may read more keys (name, ...)
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def for_template(self) -> dict:
+        """The message as the chat template reads it: content as one string."""
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            others = [p.type for p in self.content if p.type != "text"]
+            if others:
+                raise APIError(400, f"only text content parts are supported, got {others[0]!r}",
+                               param="messages")
+            message["content"] = "".join(p.text or "" for p in self.content)
+        return message
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None  # None (with max_tokens None) = up to the context
+    logprobs: bool = False  # return each output token's logprob
+    top_logprobs: int | None = None  # and this many most likely tokens at each position
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        names = {"logprobs": "top_logprobs", "max_tokens": "max_tokens"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        return self._sampling_params(max_tokens, logprobs, names)
+
+
+class TokenizeRequest(_Strict):
+    """Either a prompt (tokenized as /v1/completions does) or messages (as /v1/chat does)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # prompt only: the tokenizer's BOS etc.
+    add_generation_prompt: bool = True  # messages only: end with the assistant's turn opening
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogProbs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)  # where each token starts in the text
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None  # "stop" or "length"; "abort" if the server gave up
+    stop_reason: str | int | None = None  # vLLM extension: the stop string or token id hit
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None  # in streams: only in the include_usage chunk
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # UTF-8 bytes of token
+
+
+class ChatLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobEntry] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: str | None = None  # "assistant" in each choice's first chunk
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "vattention"
+    max_model_len: int | None = None  # vLLM extension
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+# ---- logprobs in each endpoint's shape --------------------------------------------------------
+
+
+def completion_logprobs(sampled: list[Logprob], top: list[list[Logprob]],
+                        text_offset: int) -> CompletionLogProbs:
+    """Completions shape; text_offset is where the first of these tokens starts in the text.
+    Each top_logprobs dict holds the sampled token too, as vLLM's does."""
+    out = CompletionLogProbs()
+    for lp, alternatives in zip(sampled, top):
+        out.text_offset.append(text_offset)
+        out.tokens.append(lp.decoded)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({a.decoded: a.logprob for a in [*alternatives, lp]})
+        text_offset += len(lp.decoded)
+    return out
+
+
+def chat_logprobs(sampled: list[Logprob], top: list[list[Logprob]]) -> ChatLogprobs:
+    def entry(lp: Logprob) -> TopLogprob:
+        return TopLogprob(token=lp.decoded, logprob=lp.logprob, bytes=list(lp.decoded.encode()))
+
+    return ChatLogprobs(content=[ChatLogprobEntry(**entry(lp).model_dump(),
+                                                  top_logprobs=[entry(a) for a in alternatives])
+                                 for lp, alternatives in zip(sampled, top)])
+
+
+def usage_of(out: RequestOutput) -> UsageInfo:
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    prompt = len(out.prompt_token_ids)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)

@@ -1,0 +1,449 @@
+"""`vattention serve` on the default model, driven by the official openai client over real HTTP;
+then the parts on their own: the CLI's configs, the engine thread's failure and shutdown paths
+(on a tiny random-weight model), and the stream delta cutter.
+
+Two servers run as subprocesses for the whole module: `main` (defaults) and `small` (--api-key,
+one running sequence, one waiting) for authentication, overload and the SIGTERM shutdown, which
+is the last test that uses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_model
+
+openai = pytest.importorskip("openai", reason="the server tests drive it with the openai client")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi", reason="vattention serve needs fastapi")
+parser = pytest.importorskip("prometheus_client.parser")
+
+from vattention.config import EngineConfig  # noqa: E402
+from vattention.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from vattention.sampling_params import SamplingParams  # noqa: E402
+from vattention.server.async_engine import (AsyncEngine, EngineStoppedError,  # noqa: E402
+                                            RequestFailedError)
+from vattention.server.cli import ServerConfig, add_serve_args, serve_configs  # noqa: E402
+from vattention.server.stream import DeltaTracker  # noqa: E402
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default model's served name
+API_KEY = "test-key"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = "The capital of France is"
+GREEDY = {"temperature": 0, "max_tokens": 10, "extra_body": {"ignore_eos": True}}
+USED = 'vattention:kv_cache_bytes{state="used"}'
+ABORTED = 'vattention:request_success_total{finished_reason="abort"}'
+
+
+class Server:
+    def __init__(self, tmp: Path, cache: Path, name: str, *args: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"{name}.log"
+        # One torch thread each: two servers and the client share the CI machine's two cores.
+        env = {**os.environ, "VATTENTION_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vattention.server.cli", "--host", "127.0.0.1", "--port",
+                 str(self.port), "--device", "cpu", "--kv-cache-memory-gib", "1", *args],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    def metrics(self) -> dict[str, float]:
+        """{name{labels}: value} from /metrics."""
+        text = httpx.get(self.url + "/metrics").text
+        out = {}
+        for family in parser.text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+        return out
+
+    def idle(self) -> bool:
+        """No sequence running or waiting, no KV byte holding a token."""
+        m = self.metrics()
+        return (m["vattention:num_requests_running"] == 0 == m["vattention:num_requests_waiting"]
+                and m[USED] == 0)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def servers(request, tmp_path_factory):
+    if needs_model.args[0]:
+        pytest.skip(needs_model.kwargs["reason"])
+    converted = request.getfixturevalue("converted")
+    tmp = tmp_path_factory.mktemp("servers")
+    main = Server(tmp, converted["cache"], "main")
+    small = Server(tmp, converted["cache"], "small", "--api-key", API_KEY, "--max-num-seqs", "1",
+                   "--max-queued-requests", "1", "--served-model-name", "small")
+    try:
+        main.wait_ready()
+        small.wait_ready()
+        yield {"main": main, "small": small}
+    finally:
+        for server in (main, small):
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def main(servers) -> Server:
+    return servers["main"]
+
+
+@pytest.fixture(scope="module")
+def client(main) -> openai.OpenAI:
+    return main.client()
+
+
+def wait_for(condition, what: str, timeout_s: float = 15):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# ---- endpoints --------------------------------------------------------------------------------
+
+
+def test_health_and_models_name_the_served_model(main, client):
+    assert httpx.get(main.url + "/health").status_code == 200
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_streamed_completion_deltas_equal_the_greedy_text_and_usage(client):
+    full = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
+    c = full.choices[0]
+    assert "Paris" in c.text and c.finish_reason == "length"
+    usage = full.usage
+    assert (usage.completion_tokens, usage.total_tokens) == (10, 10 + usage.prompt_tokens)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+
+
+def test_chat_answers_and_streams_the_same_text(main, client):
+    full = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
+                                          max_completion_tokens=20)
+    text = full.choices[0].message.content
+    assert "Paris" in text and full.choices[0].finish_reason == "stop"  # end of turn before 20
+    prompt_len = httpx.post(main.url + "/tokenize", json={"messages": QUESTION}).json()["count"]
+    assert full.usage.prompt_tokens == prompt_len
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
+                                                 max_tokens=20, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].usage == full.usage
+
+
+def test_n_samples_are_indexed_and_counted(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, n=3, max_tokens=4, seed=7,
+                                  extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert r.usage.completion_tokens == 12
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, n=2,
+                                                 max_tokens=4, stream=True, seed=7))
+    finished = {ch.choices[0].index: ch.choices[0].finish_reason for ch in chunks
+                if ch.choices[0].finish_reason}
+    assert set(finished) == {0, 1}
+
+
+def test_stop_string_cuts_the_text_streamed_or_not(client):
+    full = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 4]  # straddles tokens more often than not
+    cut = client.completions.create(model=MODEL, prompt=PROMPT, stop=[stop, "never"], **GREEDY)
+    assert cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model=MODEL, prompt=PROMPT, stop=stop, stream=True, **GREEDY)
+    assert "".join(ch.choices[0].text for ch in chunks) == full[:full.index(stop)]
+
+
+def test_logprobs_have_each_endpoints_shape(client):
+    c = client.completions.create(model=MODEL, prompt=PROMPT, logprobs=2, **GREEDY).choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 10
+    assert "".join(lp.tokens) == c.text and lp.text_offset[0] == 0
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and top[token] == logprob and max(top.values()) == logprob  # greedy
+    streamed = [t for ch in client.completions.create(model=MODEL, prompt=PROMPT, logprobs=2,
+                                                      stream=True, **GREEDY)
+                for t in ch.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
+                                          max_tokens=5, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in content)
+    assert content[0].bytes == list(content[0].token.encode())
+
+
+def test_token_id_prompts_are_accepted(main, client):
+    ids = httpx.post(main.url + "/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, **GREEDY).choices[0].text
+    assert by_ids == client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY).choices[0].text
+
+
+def test_tokenize_and_detokenize_round_trip(main):
+    r = httpx.post(main.url + "/tokenize", json={"prompt": "Hello, vAttention!"}).json()
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 8192
+    back = httpx.post(main.url + "/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back == {"prompt": "Hello, vAttention!"}
+
+
+def test_concurrent_clients_all_complete(main, client):
+    def one(i: int) -> tuple[int, str]:
+        if i % 2:
+            chunks = client.completions.create(model=MODEL, prompt=f"{i} plus {i} is", max_tokens=6,
+                                               stream=True, extra_body={"ignore_eos": True})
+            return 6, "".join(ch.choices[0].text for ch in chunks)
+        r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=6,
+                                           extra_body={"ignore_eos": True})
+        return r.usage.completion_tokens, r.choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert all(n == 6 and text for n, text in results), results
+    wait_for(main.idle, "an idle engine")
+
+
+def test_client_disconnect_aborts_the_request_and_frees_its_kv(main, client):
+    aborted = main.metrics().get(ABORTED, 0)
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2000, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for _, _ in zip(range(3), stream):
+        pass
+    m = main.metrics()
+    assert m["vattention:num_requests_running"] == 1 and m[USED] > 0
+    stream.close()
+    wait_for(main.idle, "the streamed request's KV to be freed", timeout_s=10)
+    # A non-streaming client that gives up (read timeout) is noticed through http.disconnect.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(main.url + "/v1/chat/completions", timeout=1.5, json={
+            "messages": QUESTION, "max_tokens": 2000, "ignore_eos": True})
+    wait_for(main.idle, "the non-streamed request's KV to be freed", timeout_s=10)
+    assert main.metrics()[ABORTED] == aborted + 2
+
+
+def test_metrics_count_requests_tokens_and_kv_pages(main):
+    m = main.metrics()
+    assert m['vattention:request_success_total{finished_reason="length"}'] > 0
+    assert m["vattention:generation_tokens_total"] > 0 and m["vattention:prompt_tokens_total"] > 0
+    assert m["vattention:time_to_first_token_seconds_count"] > 0
+    assert m['vattention:kv_cache_bytes{state="capacity"}'] == 1 << 30
+    mapped = ("vattention:kv_pages_mapped_critical_total",
+              "vattention:kv_pages_mapped_background_total")
+    assert sum(m[name] for name in mapped) > 0
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def test_invalid_parameters_are_400_naming_the_param(main, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
+    assert e.value.param == "temperature" and "temperature must be >= 0" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, logprobs=True,
+                                       top_logprobs=30)
+    assert e.value.param == "top_logprobs"
+    r = httpx.post(main.url + "/v1/completions",
+                   json={"model": MODEL, "prompt": PROMPT, "top_p": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
+    r = httpx.post(main.url + "/v1/completions", json={"prompt": PROMPT, "best_of": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_400_with_both_numbers(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=9000)
+    message = e.value.message
+    assert "maximum context length is 8192 tokens" in message
+    prompt_len = int(message.split("(")[1].split(" in the messages")[0])
+    assert f"you requested {prompt_len + 9000} tokens" in message
+    assert "9000 in the completion" in message
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-5", prompt=PROMPT, max_tokens=1)
+    assert e.value.code == "model_not_found" and "gpt-5" in e.value.message
+
+
+@pytest.mark.parametrize("body", [b'{"model": "x", "prompt": ', b"", b"[1, 2]", b"\xff\xfe"])
+def test_malformed_json_is_400_without_a_traceback(main, body):
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+        r = httpx.post(main.url + path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (path, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert "Traceback" not in r.text and "File \"" not in r.text
+
+
+def test_api_key_is_required_when_set(servers):
+    small = servers["small"]
+    with pytest.raises(openai.AuthenticationError) as e:
+        small.client("wrong").models.list()
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    r = httpx.post(small.url + "/v1/completions", json={"prompt": PROMPT})  # no key at all
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert [m.id for m in small.client(API_KEY).models.list().data] == ["small"]
+    assert httpx.get(small.url + "/health").status_code == 200  # health needs no key
+
+
+def test_overload_is_503(servers):
+    small = servers["small"]
+    client = small.client(API_KEY)
+    params = {"model": "small", "prompt": PROMPT, "max_tokens": 2000, "stream": True,
+              "extra_body": {"ignore_eos": True}}
+    running = client.completions.create(**params)
+    next(iter(running))  # the one running slot is taken
+    waiting = client.completions.create(**params)  # returns once the engine queued it
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="small", prompt=PROMPT, max_tokens=1)
+    assert e.value.status_code == 503 and "overloaded" in e.value.message
+    running.close()
+    waiting.close()
+    wait_for(small.idle, "both aborted")
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_cleanly(servers):
+    """Runs last: it stops the `small` server."""
+    small = servers["small"]
+    stream = small.client(API_KEY).chat.completions.create(
+        model="small", messages=QUESTION, max_tokens=8, stream=True,
+        extra_body={"ignore_eos": True})
+    chunks = [next(iter(stream))]
+    small.proc.send_signal(signal.SIGTERM)
+    chunks += list(stream)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # uvicorn re-raises the signal once it has shut down, so the exit reads as "killed by SIGTERM".
+    assert small.proc.wait(60) in (0, -signal.SIGTERM)
+    log = small.log.read_text()
+    assert "engine stopped" in log and "Application shutdown complete" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+# ---- the parts on their own -----------------------------------------------------------------
+
+
+def test_serve_flags_become_configs():
+    cli = argparse.ArgumentParser()
+    add_serve_args(cli)
+    server, engine = serve_configs(cli.parse_args(["/models/x", "--port", "9001",
+                                                   "--max-num-seqs", "3", "--api-key", "k"]))
+    assert (server.port, server.api_key, server.served_model_name) == (9001, "k", "/models/x")
+    assert engine.model.model == "/models/x" and engine.scheduler.max_num_seqs == 3
+    server, engine = serve_configs(cli.parse_args([]))
+    assert server == ServerConfig(served_model_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                  api_key=os.environ.get("VATTENTION_API_KEY"))
+    assert engine.model.model is None  # the built-in default model
+    with pytest.raises(ValueError, match="given twice"):
+        serve_configs(cli.parse_args(["a", "--model", "b"]))
+
+
+@pytest.fixture
+def tiny_engine(tmp_path):
+    """An AsyncEngine on a random-weight 2-layer model (token-id prompts, no tokenizer)."""
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "max_position_embeddings": 512}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    engine = AsyncEngine(EngineConfig.from_kwargs(
+        model=str(tmp_path), load_format="dummy", device="cpu", kv_cache_memory_gib=0.05,
+        page_size=64 << 10))
+    engine.start()
+    yield engine
+    engine.shutdown(5)
+
+
+async def collect(stream) -> list[RequestOutput]:
+    return [out async for out in stream]
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_the_loop_goes_on(tiny_engine):
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    def broken_step():
+        raise RuntimeError("injected step failure")
+
+    async def scenario():
+        tiny_engine.engine.step = broken_step  # shadows the method on this instance
+        stream = await tiny_engine.add("a", [1, 2, 3], params)
+        with pytest.raises(RequestFailedError, match="injected step failure"):
+            await collect(stream)
+        del tiny_engine.engine.step
+        outs = await collect(await tiny_engine.add("b", [1, 2, 3], params))
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
+
+    asyncio.run(scenario())
+    assert tiny_engine.stats.num_running == 0 and tiny_engine.stats.kv.bytes_used == 0
+
+
+def test_shutdown_aborts_what_outlives_the_timeout_then_refuses_requests(tiny_engine):
+    async def scenario():
+        stream = await tiny_engine.add("long", [1, 2, 3], SamplingParams(max_tokens=500,
+                                                                         ignore_eos=True))
+        await stream.__anext__()  # running
+        await asyncio.to_thread(tiny_engine.shutdown, 0.0)
+        with pytest.raises(RequestFailedError, match="shut down"):
+            await collect(stream)
+        with pytest.raises(EngineStoppedError):
+            await tiny_engine.add("late", [1, 2, 3], SamplingParams())
+
+    asyncio.run(scenario())
+
+
+def test_stream_deltas_never_retract_and_add_up_to_the_final_text():
+    """The engine's full texts as a stop string ("o w") and a split UTF-8 character arrive."""
+    # The last text is the engine's cut once " o" became " o w": had the last len("o w") - 1
+    # characters not been held back, "Hello é o" would have been sent, then taken back.
+    steps = ["H", "Hel", "Hello", "Hello \ufffd", "Hello é", "Hello é o", "Hello é "]
+    params = SamplingParams(stop=["o w"])
+    tracker, sent = DeltaTracker(params), ""
+    for i, text in enumerate(steps):
+        last = i == len(steps) - 1
+        out = RequestOutput("r", None, [1], [CompletionOutput(0, text, [0] * (i + 1),
+                                                              "stop" if last else None)], last)
+        for delta in tracker.update(out):
+            assert "\ufffd" not in delta.text
+            sent += delta.text
+            assert text.startswith(sent), (sent, text)  # nothing sent is ever taken back
+    assert sent == "Hello é "

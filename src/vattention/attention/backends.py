@@ -12,6 +12,7 @@ contiguous views (vattention, static) or the block pool (paged).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -133,8 +134,10 @@ class FlashBackend:
 
 
 class TritonBackend:
-    """CUDA, either cache kind: decode-only steps run our split-KV Triton kernel (contiguous or
-    its paged twin); steps with prefill chunks run FA2 (over gathered blocks when paged)."""
+    """CUDA, either cache kind: sequences adding one token run our split-KV Triton decode
+    kernel (contiguous, or its paged twin); sequences adding a chunk run FA2 varlen, reading the
+    contiguous cache in place, or (paged) their fresh K/V when the chunk is the whole sequence
+    and a gather of their blocks only when it continues earlier context."""
 
     name = "triton"
 
@@ -142,27 +145,61 @@ class TritonBackend:
         self.scale = scale
 
     def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
-        from . import triton_decode
         write_kv(cache, k, v, meta)
-        if meta.is_decode:
-            if meta.block_tables is None:
-                return triton_decode.contiguous_decode(q, cache.k_flat, cache.v_flat, meta.kv_starts,
-                                                       meta.seq_lens_t, self.scale,
-                                                       max_seq_len=meta.max_seq_len)
-            return triton_decode.paged_decode(q, cache.k_blocks, cache.v_blocks, meta.block_tables,
-                                              meta.seq_lens_t, self.scale, max_seq_len=meta.max_seq_len)
-        if meta.block_tables is None:
-            return flash_varlen(q, cache.k_flat, cache.v_flat, meta, meta.kv_starts, self.scale)
-        return self._paged_prefill(q, cache, meta)
+        lens = meta.query_lens
+        decode = [i for i, n in enumerate(lens) if n == 1]
+        if len(decode) == len(lens):
+            return self._decode(q, cache, meta, None)
+        out = torch.empty_like(q)
+        first = [0, *itertools.accumulate(lens)]  # first row of each sequence's queries
+        if decode:
+            rows = _on_device([first[i] for i in decode], torch.long, q.device)
+            out[rows] = self._decode(q[rows], cache, meta, decode)
+        chunks = [i for i, n in enumerate(lens) if n > 1]
+        rows = _on_device([r for i in chunks for r in range(first[i], first[i + 1])], torch.long, q.device)
+        out[rows] = self._prefill(q[rows], k, v, first, cache, meta, chunks)
+        return out
 
-    def _paged_prefill(self, q, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
-        """Gather each sequence's blocks into one contiguous buffer, then FA2 varlen over it."""
-        keys, values = zip(*(sequence_kv(cache, meta, i) for i in range(meta.num_seqs)))
-        starts = [0]
-        for n in meta.seq_lens[:-1]:
-            starts.append(starts[-1] + n)
-        kv_starts = torch.tensor(starts, dtype=torch.int32).to(q.device, non_blocking=True)
-        return flash_varlen(q, torch.cat(keys), torch.cat(values), meta, kv_starts, self.scale)
+    def _decode(self, q, cache: LayerKV, meta: AttentionMetadata, subset: list[int] | None):
+        from . import triton_decode
+        pick = (lambda t: t) if subset is None else (
+            lambda t, idx=_on_device(subset, torch.long, q.device): t[idx])
+        max_len = meta.max_seq_len if subset is None else max(meta.seq_lens[i] for i in subset)
+        if meta.block_tables is None:
+            return triton_decode.contiguous_decode(q, cache.k_flat, cache.v_flat, pick(meta.kv_starts),
+                                                   pick(meta.seq_lens_t), self.scale, max_seq_len=max_len)
+        return triton_decode.paged_decode(q, cache.k_blocks, cache.v_blocks, pick(meta.block_tables),
+                                          pick(meta.seq_lens_t), self.scale, max_seq_len=max_len)
+
+    def _prefill(self, q, k, v, first, cache: LayerKV, meta: AttentionMetadata, chunks: list[int]):
+        """FA2 varlen for the sequences in `chunks` (q holds just their query rows)."""
+        sub = AttentionMetadata(
+            query_lens=[meta.query_lens[i] for i in chunks], seq_lens=[meta.seq_lens[i] for i in chunks],
+            max_query_len=max(meta.query_lens[i] for i in chunks),
+            max_seq_len=max(meta.seq_lens[i] for i in chunks),
+            query_start_loc=_on_device([0, *itertools.accumulate(meta.query_lens[i] for i in chunks)],
+                                       torch.int32, q.device),
+            seq_lens_t=_on_device([meta.seq_lens[i] for i in chunks], torch.int32, q.device),
+            kv_write_index=meta.kv_write_index)
+        if meta.block_tables is None:
+            starts = _on_device([meta.starts[i] for i in chunks], torch.int32, q.device)
+            return flash_varlen(q, cache.k_flat, cache.v_flat, sub, starts, self.scale)
+        keys, values = [], []
+        for i in chunks:
+            if meta.seq_lens[i] == meta.query_lens[i]:  # a whole prompt: this step's K/V is all of it
+                keys.append(k[first[i]:first[i + 1]])
+                values.append(v[first[i]:first[i + 1]])
+            else:
+                ki, vi = sequence_kv(cache, meta, i)
+                keys.append(ki)
+                values.append(vi)
+        starts = _on_device([0, *itertools.accumulate(sub.seq_lens[:-1])], torch.int32, q.device)
+        return flash_varlen(q, torch.cat(keys).to(cache.k_flat.dtype), torch.cat(values).to(cache.v_flat.dtype),
+                            sub, starts, self.scale)
+
+
+def _on_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 BACKENDS = {"contiguous": {"flash": FlashBackend, "triton": TritonBackend, "sdpa": SDPABackend,

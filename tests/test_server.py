@@ -268,6 +268,11 @@ def test_metrics_count_requests_tokens_and_kv_pages(main):
     assert m["vattention:generation_tokens_total"] > 0 and m["vattention:prompt_tokens_total"] > 0
     assert m["vattention:time_to_first_token_seconds_count"] > 0
     assert m['vattention:kv_cache_bytes{state="capacity"}'] == 1 << 30
+    page = m["vattention:kv_cache_page_bytes"]
+    total, free = m['vattention:kv_cache_pages{state="total"}'], m['vattention:kv_cache_pages{state="free"}']
+    assert page == 2 << 20 and total * page == 1 << 30
+    assert 0 < m['vattention:kv_cache_pages{state="mapped"}'] <= total - free
+    assert m['vattention:kv_cache_pages{state="mapped"}'] * page == m['vattention:kv_cache_bytes{state="committed"}']
     mapped = ("vattention:kv_pages_mapped_critical_total",
               "vattention:kv_pages_mapped_background_total")
     assert sum(m[name] for name in mapped) > 0

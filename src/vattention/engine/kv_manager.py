@@ -26,7 +26,11 @@ class KVUsage:
     bytes_committed: int  # bytes set aside for them: mapped pages, allocated blocks, reservations
     bytes_capacity: int  # the budget
     num_requests: int  # requests holding KV now
-    counters: dict = field(default_factory=dict)  # design-specific totals (e.g. pages mapped in background)
+    page_bytes: int  # the design's unit of memory: a physical page, a block, or one request's reservation
+    pages_total: int  # units in the budget
+    pages_mapped: int  # units mapped/allocated/reserved now (busy or kept for reuse)
+    pages_free: int  # units free to hand out now
+    counters: dict = field(default_factory=dict)  # design-specific running totals (e.g. pages mapped in background)
 
     @property
     def utilization(self) -> float:

@@ -66,8 +66,8 @@ class PagedKVManager:
     def usage(self) -> KVUsage:
         blocks = sum(len(t) for t in self._tables.values())
         return KVUsage(sum(self._tokens.values()) * self.spec.bytes_per_token, blocks * self.block_bytes,
-                       self.num_blocks * self.block_bytes, len(self._tables),
-                       counters={"blocks_total": self.num_blocks, "blocks_free": len(self._free_blocks)})
+                       self.num_blocks * self.block_bytes, len(self._tables), self.block_bytes,
+                       self.num_blocks, blocks, len(self._free_blocks))
 
     def close(self) -> None:
         self._caches = []

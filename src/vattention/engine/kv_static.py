@@ -64,7 +64,8 @@ class StaticKVManager:
     def usage(self) -> KVUsage:
         return KVUsage(sum(self._tokens.values()) * self.spec.bytes_per_token,
                        len(self._slots) * self.slot_bytes, self.num_slots * self.slot_bytes,
-                       len(self._slots))
+                       len(self._slots), self.slot_bytes, self.num_slots, len(self._slots),
+                       len(self._free_slots))
 
     def close(self) -> None:
         self._caches = []

@@ -59,7 +59,8 @@ class VAttentionKVManager:
     def usage(self) -> KVUsage:
         st = self.cache.stats()
         return KVUsage(st.bytes_used, st.bytes_mapped, st.pages_total * st.page_size,
-                       st.num_slots_busy, counters=vars(st.counters))
+                       st.num_slots_busy, st.page_size, st.pages_total, st.pages_mapped,
+                       st.pages_free, counters=vars(st.counters))
 
     def close(self) -> None:
         self.cache.close()

@@ -9,6 +9,7 @@ do not share counters).
   engine state (read at scrape time from the engine thread's latest EngineStats):
     vattention:num_requests_running, vattention:num_requests_waiting      sequences
     vattention:kv_cache_bytes{state="used"|"committed"|"capacity"}        committed = mapped pages
+    vattention:kv_cache_pages{state="total"|"mapped"|"free"}, kv_cache_page_bytes   pages (blocks)
     vattention:kv_cache_usage_ratio                                       used / capacity
     vattention:kv_<counter>_total        the KV design's counters (vattention: pages mapped in
                                          the background / on the critical path, unmapped, ...)
@@ -91,6 +92,16 @@ class _EngineCollector:
         memory.add_metric(["committed"], kv.bytes_committed)
         memory.add_metric(["capacity"], kv.bytes_capacity)
         yield memory
+        pages = GaugeMetricFamily(
+            PREFIX + "kv_cache_pages", "KV memory units (vattention: physical pages; paged: blocks; "
+            "static: per-request reservations): total, mapped (busy or kept for reuse), free",
+            labels=["state"])
+        pages.add_metric(["total"], kv.pages_total)
+        pages.add_metric(["mapped"], kv.pages_mapped)
+        pages.add_metric(["free"], kv.pages_free)
+        yield pages
+        yield GaugeMetricFamily(PREFIX + "kv_cache_page_bytes", "bytes per KV memory unit",
+                                value=kv.page_bytes)
         ratio = kv.bytes_used / kv.bytes_capacity if kv.bytes_capacity else 0.0
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_ratio", "KV bytes used over the budget",
                                 value=ratio)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, to_device
 
 
 @dataclass
@@ -153,17 +153,17 @@ class TritonBackend:
         out = torch.empty_like(q)
         first = [0, *itertools.accumulate(lens)]  # first row of each sequence's queries
         if decode:
-            rows = _on_device([first[i] for i in decode], torch.long, q.device)
+            rows = to_device([first[i] for i in decode], torch.long, q.device)
             out[rows] = self._decode(q[rows], cache, meta, decode)
         chunks = [i for i, n in enumerate(lens) if n > 1]
-        rows = _on_device([r for i in chunks for r in range(first[i], first[i + 1])], torch.long, q.device)
+        rows = to_device([r for i in chunks for r in range(first[i], first[i + 1])], torch.long, q.device)
         out[rows] = self._prefill(q[rows], k, v, first, cache, meta, chunks)
         return out
 
     def _decode(self, q, cache: LayerKV, meta: AttentionMetadata, subset: list[int] | None):
         from . import triton_decode
         pick = (lambda t: t) if subset is None else (
-            lambda t, idx=_on_device(subset, torch.long, q.device): t[idx])
+            lambda t, idx=to_device(subset, torch.long, q.device): t[idx])
         max_len = meta.max_seq_len if subset is None else max(meta.seq_lens[i] for i in subset)
         if meta.block_tables is None:
             return triton_decode.contiguous_decode(q, cache.k_flat, cache.v_flat, pick(meta.kv_starts),
@@ -177,12 +177,12 @@ class TritonBackend:
             query_lens=[meta.query_lens[i] for i in chunks], seq_lens=[meta.seq_lens[i] for i in chunks],
             max_query_len=max(meta.query_lens[i] for i in chunks),
             max_seq_len=max(meta.seq_lens[i] for i in chunks),
-            query_start_loc=_on_device([0, *itertools.accumulate(meta.query_lens[i] for i in chunks)],
+            query_start_loc=to_device([0, *itertools.accumulate(meta.query_lens[i] for i in chunks)],
                                        torch.int32, q.device),
-            seq_lens_t=_on_device([meta.seq_lens[i] for i in chunks], torch.int32, q.device),
+            seq_lens_t=to_device([meta.seq_lens[i] for i in chunks], torch.int32, q.device),
             kv_write_index=meta.kv_write_index)
         if meta.block_tables is None:
-            starts = _on_device([meta.starts[i] for i in chunks], torch.int32, q.device)
+            starts = to_device([meta.starts[i] for i in chunks], torch.int32, q.device)
             return flash_varlen(q, cache.k_flat, cache.v_flat, sub, starts, self.scale)
         keys, values = [], []
         for i in chunks:
@@ -193,13 +193,9 @@ class TritonBackend:
                 ki, vi = sequence_kv(cache, meta, i)
                 keys.append(ki)
                 values.append(vi)
-        starts = _on_device([0, *itertools.accumulate(sub.seq_lens[:-1])], torch.int32, q.device)
+        starts = to_device([0, *itertools.accumulate(sub.seq_lens[:-1])], torch.int32, q.device)
         return flash_varlen(q, torch.cat(keys).to(cache.k_flat.dtype), torch.cat(values).to(cache.v_flat.dtype),
                             sub, starts, self.scale)
-
-
-def _on_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 BACKENDS = {"contiguous": {"flash": FlashBackend, "triton": TritonBackend, "sdpa": SDPABackend,

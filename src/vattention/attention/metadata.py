@@ -43,16 +43,17 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
-def _on(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor, copied without waiting where the copy allows."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _common(query_lens: list[int], seq_lens: list[int], write: list[int], device) -> dict:
     return dict(query_lens=query_lens, seq_lens=seq_lens, max_query_len=max(query_lens),
                 max_seq_len=max(seq_lens),
-                query_start_loc=_on([0, *itertools.accumulate(query_lens)], torch.int32, device),
-                seq_lens_t=_on(seq_lens, torch.int32, device),
-                kv_write_index=_on(write, torch.int64, device))
+                query_start_loc=to_device([0, *itertools.accumulate(query_lens)], torch.int32, device),
+                seq_lens_t=to_device(seq_lens, torch.int32, device),
+                kv_write_index=to_device(write, torch.int64, device))
 
 
 def build_contiguous_metadata(starts: list[int], query_lens: list[int], seq_lens: list[int],
@@ -60,7 +61,7 @@ def build_contiguous_metadata(starts: list[int], query_lens: list[int], seq_lens
     """Sequences whose token 0 is at flat row starts[i], adding query_lens[i] tokens each."""
     write = [s + pos for s, q, n in zip(starts, query_lens, seq_lens) for pos in range(n - q, n)]
     return AttentionMetadata(**_common(query_lens, seq_lens, write, device),
-                             kv_starts=_on(starts, torch.int32, device), starts=starts)
+                             kv_starts=to_device(starts, torch.int32, device), starts=starts)
 
 
 def build_paged_metadata(block_tables: list[list[int]], block_size: int, query_lens: list[int],

@@ -48,7 +48,7 @@ class LLMEngine:
         spec = KVCacheSpec(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
                            head_dim=arch.head_dim, dtype=self.dtype, max_seqs=sc.max_num_seqs,
                            max_seq_len=self.max_model_len, layout=cc.layout)
-        self.kv = make_kv_manager(cc.kv_cache, spec, self.device, self._kv_budget(spec),
+        self.kv = make_kv_manager(cc.kv_cache, spec, self.device, self._kv_budget(),
                                   cc.page_size, cc.eager_cushion_groups, cc.block_size)
         self.scheduler = Scheduler(self.kv, sc.max_num_seqs, sc.max_num_batched_tokens)
         backend = make_backend(cc.attention_backend, self.kv.kind, arch.head_dim, self.device)
@@ -62,7 +62,7 @@ class LLMEngine:
         self.peak_bytes_committed = 0  # most KV bytes mapped/allocated/reserved after any step
         self.last_step_shape = (0, 0)  # (sequences, tokens) the last step computed
 
-    def _kv_budget(self, spec: KVCacheSpec) -> int:
+    def _kv_budget(self) -> int:
         gib = self.config.cache.kv_cache_memory_gib
         if gib is not None:
             return int(gib * GIB)

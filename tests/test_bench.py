@@ -142,23 +142,25 @@ def _run_throughput(tmp_path: Path, *args: str) -> dict:
 
 
 def test_throughput_runs_every_design_with_identical_greedy_outputs(tmp_path, one_thread):
-    """vattention, paged and static run the same trace to completion on a tiny dummy model and
-    the greedy tokens agree request by request (fp32 on CPU), though memory forces preemptions."""
+    """vattention, paged (SDPA and FlexAttention) and static run the same trace to completion on a
+    tiny dummy model and the greedy tokens agree request by request (fp32 on CPU), though memory
+    forces preemptions."""
     # 256 bytes a token; 4 KiB pages hold 16 tokens (like paged bs16); 512 tokens of KV for 6
     # requests of up to 160 tokens: every design but static preempts.
     res = _run_throughput(tmp_path, "--dataset", "long", "--long-min", "20", "--long-max", "120",
                           "--num-prompts", "6", "--output-len", "40", "--page-size", "4096",
-                          "--block-sizes", "16,32", "--kv-cache-memory-gib", str(128 * 1024 / GIB),
-                          "--max-num-batched-tokens", "128")
+                          "--block-sizes", "16,32", "--paged-backends", "sdpa,flex",
+                          "--kv-cache-memory-gib", str(128 * 1024 / GIB), "--max-num-batched-tokens", "128")
     runs = {r["design"]: r for r in res["runs"]}
-    assert list(runs) == ["vattention cross_layer", "paged bs16", "paged bs32", "static"]
+    paged = ["paged bs16 sdpa", "paged bs16 flex", "paged bs32 sdpa", "paged bs32 flex"]
+    assert list(runs) == ["vattention cross_layer", *paged, "static"]
     assert len({r["output_digest"] for r in runs.values()}) == 1
     assert all(r["same_outputs"] == 1.0 for r in runs.values())
     assert res["output_tokens"] == 6 * 40
     for r in runs.values():
         assert r["peak_kv_used_gib"] <= r["peak_kv_committed_gib"] <= r["kv_capacity_gib"], r["design"]
     assert runs["static"]["preemptions"] == 0
-    assert all(runs[d]["preemptions"] > 0 for d in ("vattention cross_layer", "paged bs16", "paged bs32"))
+    assert all(runs[d]["preemptions"] > 0 for d in ("vattention cross_layer", *paged))
 
 
 def test_throughput_reads_the_committed_sharegpt_subset(tmp_path, one_thread):

@@ -60,6 +60,17 @@ def test_reference_attention_gives_the_same_tokens(checkpoint, kv_cache):
     assert fast == slow
 
 
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_flex_paged_backend_gives_the_same_tokens(checkpoint, block_size):
+    """FlexAttention + PagedAttention (eager on CPU) gives SDPA's greedy tokens on the paged cache,
+    chunked prefill included."""
+    path, _ = checkpoint
+    options = dict(kv_cache="paged", block_size=block_size, kv_cache_memory_gib=0.005,
+                   max_num_batched_tokens=9)
+    want = generate_tokens(make_llm(path, **options))
+    assert generate_tokens(make_llm(path, attention_backend="flex", **options)) == want
+
+
 @pytest.mark.parametrize("options", [
     dict(max_num_batched_tokens=5),  # prompts prefilled in chunks of <= 5 tokens
     dict(max_num_seqs=1),  # one request at a time: slots reused

@@ -95,7 +95,8 @@ def test_flash_and_sdpa_backends_agree_on_the_gpu(tmp_path):
 def test_kv_designs_give_identical_greedy_outputs_on_the_gpu(tmp_path):
     """Same model, same prompts, bf16: designs that run the same kernels on the same numbers give
     bit-identical tokens (vattention vs static under FA2; vattention vs paged under our Triton
-    twins, whose only difference is addressing); FA2 vs Triton agree up to near-ties."""
+    twins, whose only difference is addressing); FA2, Triton and FlexAttention + PagedAttention
+    agree up to near-ties."""
     make_checkpoint("llama", tmp_path, **CHECKPOINT)
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=TOP)
     runs = {}
@@ -106,6 +107,8 @@ def test_kv_designs_give_identical_greedy_outputs_on_the_gpu(tmp_path):
         "vattention-triton": dict(kv_cache="vattention", attention_backend="triton"),
         "paged16-triton": dict(kv_cache="paged", block_size=16, attention_backend="triton"),
         "paged128-triton": dict(kv_cache="paged", block_size=128, attention_backend="triton"),
+        "paged128-flex": dict(kv_cache="paged", block_size=128, attention_backend="flex"),
+        "paged256-flex": dict(kv_cache="paged", block_size=256, attention_backend="flex"),
     }.items():
         llm = LLM(model=str(tmp_path), device="cuda", dtype="bfloat16", kv_cache_memory_gib=1.0,
                   max_num_batched_tokens=512, **options)
@@ -115,7 +118,9 @@ def test_kv_designs_give_identical_greedy_outputs_on_the_gpu(tmp_path):
     assert tokens["static-flash"] == tokens["vattention-flash"]
     assert tokens["paged16-triton"] == tokens["vattention-triton"]
     assert tokens["paged128-triton"] == tokens["vattention-triton"]
-    for a, b in zip(runs["vattention-flash"], runs["vattention-triton"]):
+    pairs = [("vattention-flash", "vattention-triton"), ("paged128-flex", "paged128-triton"),
+             ("paged256-flex", "paged128-triton")]
+    for a, b in (pair for x, y in pairs for pair in zip(runs[x], runs[y])):
         ca, cb = a.outputs[0], b.outputs[0]
         check_tokens_close(ca.token_ids, [{lp.token_id: lp.logprob for lp in s} for s in ca.top_logprobs],
                            cb.token_ids, [{lp.token_id: lp.logprob for lp in s} for s in cb.top_logprobs])

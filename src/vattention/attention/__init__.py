@@ -6,13 +6,14 @@ none reads global state, none imports the scheduler or engine.
         over each sequence's [0, seq_len) tokens.
 
 Contiguous caches (vattention, static) are read as dense strided tensors; paged caches through
-block tables. See backends.py for the kernels behind each backend name.
+block tables. See backends.py and flex_paged.py for the kernels behind each name, select.py for the choice.
 """
 
-from .backends import (BACKENDS, FlashBackend, LayerKV, ReferenceBackend, SDPABackend,
-                       TritonBackend, make_backend)
+from .backends import FlashBackend, LayerKV, ReferenceBackend, SDPABackend, TritonBackend
+from .flex_paged import FlexPagedBackend
 from .metadata import AttentionMetadata, build_contiguous_metadata, build_paged_metadata
+from .select import BACKENDS, make_backend
 
 __all__ = ["AttentionMetadata", "build_contiguous_metadata", "build_paged_metadata", "LayerKV",
-           "FlashBackend", "TritonBackend", "SDPABackend", "ReferenceBackend", "BACKENDS",
-           "make_backend"]
+           "FlashBackend", "TritonBackend", "SDPABackend", "ReferenceBackend", "FlexPagedBackend",
+           "BACKENDS", "make_backend"]

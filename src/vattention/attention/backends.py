@@ -6,14 +6,14 @@ contiguous views (vattention, static) or the block pool (paged).
 
   contiguous: flash (FA2 varlen reading the virtual tensors), triton (our split-KV decode + FA2
               for prefill), sdpa, reference
-  paged:      triton (our paged split-KV decode; FA2 over gathered blocks for prefill), sdpa,
-              reference
+  paged:      triton (our paged split-KV decode; FA2 over gathered blocks for prefill), flex
+              (FlexAttention + torch's PagedAttention, flex_paged.py), sdpa, reference
+Which one serves a cache is chosen in select.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -196,22 +196,3 @@ class TritonBackend:
         starts = to_device([0, *itertools.accumulate(sub.seq_lens[:-1])], torch.int32, q.device)
         return flash_varlen(q, torch.cat(keys).to(cache.k_flat.dtype), torch.cat(values).to(cache.v_flat.dtype),
                             sub, starts, self.scale)
-
-
-BACKENDS = {"contiguous": {"flash": FlashBackend, "triton": TritonBackend, "sdpa": SDPABackend,
-                           "reference": ReferenceBackend},
-            "paged": {"triton": TritonBackend, "sdpa": SDPABackend, "reference": ReferenceBackend}}
-
-
-def make_backend(name: str, kv_kind: str, head_dim: int, device: torch.device):
-    """`auto` = flash (contiguous) or triton (paged) on CUDA, sdpa on CPU."""
-    scale = 1.0 / math.sqrt(head_dim)
-    choices = BACKENDS[kv_kind]
-    if name == "auto":
-        name = ("flash" if kv_kind == "contiguous" else "triton") if device.type == "cuda" else "sdpa"
-    if name not in choices:
-        raise ValueError(f"attention backend {name!r} does not serve a {kv_kind} cache; "
-                         f"choose from {sorted(choices)} or auto")
-    if name in ("flash", "triton") and device.type != "cuda":
-        raise ValueError(f"the {name} backend needs a CUDA device; use sdpa on CPU")
-    return choices[name](scale)

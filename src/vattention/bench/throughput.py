@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-caches", default="vattention,paged,static", help="designs to compare, in order")
     p.add_argument("--layouts", default="cross_layer", help="vattention layouts")
     p.add_argument("--block-sizes", default="16", help="paged block sizes")
+    p.add_argument("--paged-backends", default=None,
+                   help="attention backends for each paged block size, e.g. triton,flex "
+                        "(default: --attention-backend)")
     p.add_argument("--out", default=None,
                    help="JSON path (default: benchmarks/results/throughput_<dataset>_<model>.json); "
                         "the PNG goes beside it")
@@ -79,7 +82,9 @@ def designs(ns: argparse.Namespace) -> list[dict]:
         if kind == "vattention":
             out += [{"kv_cache": kind, "layout": lay} for lay in _csv(ns.layouts)]
         elif kind == "paged":
-            out += [{"kv_cache": kind, "block_size": int(b)} for b in _csv(ns.block_sizes)]
+            backends = [{"attention_backend": b} for b in _csv(ns.paged_backends or "")] or [{}]
+            out += [{"kv_cache": kind, "block_size": int(size), **backend}
+                    for size in _csv(ns.block_sizes) for backend in backends]
         else:
             out.append({"kv_cache": kind})
     return out
@@ -89,7 +94,8 @@ def label(design: dict) -> str:
     if "layout" in design:
         return f"{design['kv_cache']} {design['layout']}"
     if "block_size" in design:
-        return f"{design['kv_cache']} bs{design['block_size']}"
+        backend = f" {design['attention_backend']}" if "attention_backend" in design else ""
+        return f"{design['kv_cache']} bs{design['block_size']}{backend}"
     return design["kv_cache"]
 
 
@@ -112,7 +118,7 @@ def run_design(design: dict, ns: argparse.Namespace, trace: list[SampledRequest]
     kwargs = {}
     for cls in (ModelConfig, CacheConfig, SchedulerConfig):
         kwargs.update(dataclass_values(ns, cls, skip=PER_DESIGN))
-    llm = LLM(**kwargs, **design)
+    llm = LLM(**{**kwargs, **design})
     engine = llm.engine
     try:
         if trace is None:

@@ -51,7 +51,8 @@ class LLMEngine:
         self.kv = make_kv_manager(cc.kv_cache, spec, self.device, self._kv_budget(),
                                   cc.page_size, cc.eager_cushion_groups, cc.block_size)
         self.scheduler = Scheduler(self.kv, sc.max_num_seqs, sc.max_num_batched_tokens)
-        backend = make_backend(cc.attention_backend, self.kv.kind, arch.head_dim, self.device)
+        backend = make_backend(cc.attention_backend, self.kv.kind, arch.head_dim, self.device,
+                               cc.block_size)
         self.runner = ModelRunner(self.model, self.kv, backend, Sampler(), self.device,
                                   sc.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)

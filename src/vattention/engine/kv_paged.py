@@ -30,8 +30,10 @@ class PagedKVManager:
         shape = (self.num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self._caches = []
         for _ in range(spec.num_layers):
-            k = torch.empty(shape, dtype=spec.dtype, device=device)
-            v = torch.empty(shape, dtype=spec.dtype, device=device)
+            # zeroed: a kernel that multiplies the unused tail of a partly filled block by zero
+            # weights (FlexAttention does) must not meet NaN there
+            k = torch.zeros(shape, dtype=spec.dtype, device=device)
+            v = torch.zeros(shape, dtype=spec.dtype, device=device)
             self._caches.append(LayerKV(k.view(-1, *shape[2:]), v.view(-1, *shape[2:]),
                                         k_blocks=k, v_blocks=v))
         self._free_blocks = list(range(self.num_blocks - 1, -1, -1))  # a stack: pop() is the next

@@ -125,7 +125,7 @@ class FlexPagedBackend:
         q_lens = [meta.query_lens[i] for i in group]
         seq_lens = [meta.seq_lens[i] for i in group]
         batch, q_len = _pow2(len(group)), _pow2(max(q_lens))
-        q_block = min(FLEX_KV_TILE, q_len)
+        q_block = FLEX_KV_TILE  # query rows per mask row (the kernels' tile; decode uses one row)
         num_rows = -(-q_len // q_block)
         tables = [meta.block_tables_host[i] for i in group]
         width = max(len(t) for t in tables)

@@ -13,11 +13,10 @@ import argparse
 import sys
 
 from .cli_args import add_dataclass_args, dataclass_values
-from .config import CacheConfig, ModelConfig, SchedulerConfig
+from .config import ENGINE_CONFIGS
 from .sampling_params import SamplingParams
 from .server.cli import add_serve_args, run_serve
 
-ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)
 CHAT_SKIP = ("n", "logprobs")
 
 

@@ -81,17 +81,36 @@ class SchedulerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How many GPUs (or CPU processes) one model is split across."""
+
+    tensor_parallel_size: int = 1  # ranks sharing each layer (Megatron-style heads/MLP split); >1 starts worker processes, or joins a torchrun launch
+    distributed_backend: str = "auto"  # torch.distributed backend of the all-reduces: auto (nccl on CUDA, gloo on CPU), nccl, gloo
+    distributed_timeout_s: float = 600.0  # a collective waiting this long on a rank that neither answers nor exits is an error
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"distributed_backend must be auto, nccl or gloo, got {self.distributed_backend!r}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+
+
+@dataclass
 class EngineConfig:
     """Everything the engine needs, one part per concern."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
         """Route flat keyword arguments (as LLM(...) and the CLI take them) to their dataclass."""
-        parts = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        parts = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                 "parallel": ParallelConfig}
         routed: dict[str, dict] = {name: {} for name in parts}
         for key, value in kwargs.items():
             owner = next((n for n, c in parts.items() if key in {f.name for f in fields(c)}), None)
@@ -100,3 +119,6 @@ class EngineConfig:
                 raise TypeError(f"unknown engine option {key!r}; known: {', '.join(known)}")
             routed[owner][key] = value
         return cls(**{name: parts[name](**routed[name]) for name in parts})
+
+
+ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)  # what the CLI exposes as flags

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..cli_args import add_dataclass_args, dataclass_values
-from ..config import CacheConfig, ModelConfig, SchedulerConfig
+from ..config import ENGINE_CONFIGS
 from ..sampling_params import SamplingParams
 from .report import device_name, print_table, write_json
 
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/offline_<model>_<kv>.json)")
-    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+    for cls in ENGINE_CONFIGS:
         add_dataclass_args(parser, cls)
     return parser.parse_args(argv)
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(ns: argparse.Namespace) -> dict:
     from ..engine import LLM
     kwargs = {}
-    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+    for cls in ENGINE_CONFIGS:
         kwargs.update(dataclass_values(ns, cls))
     llm = LLM(**kwargs)
     engine = llm.engine

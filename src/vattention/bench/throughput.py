@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from ..cli_args import add_dataclass_args, dataclass_values
-from ..config import CacheConfig, ModelConfig, SchedulerConfig
+from ..config import ENGINE_CONFIGS
 from ..sampling_params import SamplingParams
 from .datasets import SampledRequest, long_context_requests, sharegpt_requests
 from .report import device_name, print_table, write_json
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="JSON path (default: benchmarks/results/throughput_<dataset>_<model>.json); "
                         "the PNG goes beside it")
     p.add_argument("--plot-from", default=None, help="redraw the table and PNG of this JSON, run nothing")
-    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+    for cls in ENGINE_CONFIGS:
         add_dataclass_args(p, cls, skip=PER_DESIGN)
     return p.parse_args(argv)
 
@@ -116,7 +116,7 @@ def run_design(design: dict, ns: argparse.Namespace, trace: list[SampledRequest]
     output tokens per request."""
     from ..engine import LLM
     kwargs = {}
-    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+    for cls in ENGINE_CONFIGS:
         kwargs.update(dataclass_values(ns, cls, skip=PER_DESIGN))
     llm = LLM(**{**kwargs, **design})
     engine = llm.engine
@@ -219,7 +219,7 @@ def run(ns: argparse.Namespace) -> dict:
             "max_request_tokens": max(r.total_len for r in trace),
             "engine": {k: getattr(ns, k) for k in ("max_model_len", "kv_cache_memory_gib", "page_size",
                                                    "max_num_seqs", "max_num_batched_tokens", "dtype",
-                                                   "attention_backend")},
+                                                   "attention_backend", "tensor_parallel_size")},
             "runs": runs}
 
 
@@ -227,6 +227,9 @@ def print_results(res: dict) -> None:
     head = (f"{res['device']}: {res['model']} ({res['load_format']}), "
             f"{res['dataset']} x {res['num_prompts']} "
             f"({res['prompt_tokens']} prompt + {res['output_tokens']} output tokens)")
+    tp = res["engine"].get("tensor_parallel_size") or 1
+    if tp > 1:
+        head += f", tensor parallel {tp} (KV columns: rank 0's shard)"
     rows = [[m["design"], m["elapsed_s"], m["requests_per_s"], m["output_tokens_per_s"],
              m["total_tokens_per_s"], m["output_tokens_per_s_vs_first"], m["mean_prefill_step_ms"] or "-",
              m["mean_decode_step_ms"] or "-", m["num_steps"], m["peak_kv_used_gib"],

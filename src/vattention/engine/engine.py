@@ -3,21 +3,25 @@
     add_request ─> Scheduler.waiting
     step():  Scheduler.schedule ─> ModelRunner.execute ─> OutputProcessor.append ─> RequestOutput
 The engine owns the model, tokenizer, KV manager, scheduler and runner; nothing below it
-imports it.
+imports it. With tensor_parallel_size > 1 this process is rank 0: build_rank loads its shard and
+tp.py sends each step to the other ranks, which hold the other shards (tp.py).
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..attention import make_backend
 from ..config import EngineConfig
+from ..distributed import TPGroup
 from ..memory import KVCacheSpec
-from ..models.loader import load_model, read_generation_eos
+from ..models.loader import load_model, read_generation_eos, resolve_arch_config
 from ..models.presets import PRESETS
+from ..models.sharding import Shard
 from ..outputs import RequestOutput
 from ..sampling import Sampler
 from ..sampling_params import SamplingParams
@@ -26,35 +30,99 @@ from .output_processor import OutputProcessor, make_request_output
 from .request import Request
 from .runner import ModelRunner
 from .scheduler import Scheduler
+from .tp import Coordinator, RecordingKV, TensorParallelError, start_group
 
 GIB = 1 << 30
+
+
+@dataclass
+class RankState:
+    """What every tensor-parallel rank holds (all of it when there is one rank)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    model_path: str
+    model: torch.nn.Module  # this rank's shard
+    max_model_len: int  # context length: the model's, capped by its sliding window and the config
+    runner: ModelRunner  # with this rank's KV manager (runner.kv) and attention backend
+
+
+def build_rank(config: EngineConfig, group: TPGroup | None) -> RankState:
+    """Load this rank's shard of the model and size its KV cache. Ranks agree on one KV budget
+    (the smallest), so that the same requests fit on every rank."""
+    mc, cc, sc = config.model, config.cache, config.scheduler
+    device = _rank_device(mc, group)
+    dtype = mc.torch_dtype(device)
+    model_path = _resolve_model_path(mc.model)
+    shard = group.shard if group is not None else Shard()
+    model = load_model(model_path, mc.load_format, device, dtype, mc.dummy_seed, shard, group)
+    arch = model.config
+    limits = [arch.max_position_embeddings, arch.sliding_window, mc.max_model_len]
+    max_model_len = min(x for x in limits if x)
+    spec = KVCacheSpec(num_layers=arch.num_layers, num_kv_heads=shard.num_kv_heads(arch),
+                       head_dim=arch.head_dim, dtype=dtype, max_seqs=sc.max_num_seqs,
+                       max_seq_len=max_model_len, layout=cc.layout)
+    budget = _kv_budget(cc, device)
+    if group is not None:
+        budget = group.min(budget)
+    kv = make_kv_manager(cc.kv_cache, spec, device, budget, cc.page_size, cc.eager_cushion_groups,
+                         cc.block_size)
+    backend = make_backend(cc.attention_backend, kv.kind, arch.head_dim, device, cc.block_size)
+    runner = ModelRunner(model, kv, backend, Sampler(), device, sc.max_num_batched_tokens)
+    return RankState(device, dtype, model_path, model, max_model_len, runner)
+
+
+def _rank_device(mc, group: TPGroup | None) -> torch.device:
+    device = mc.torch_device()
+    if group is None or device.type != "cuda":
+        return device
+    if device.index is not None and mc.device != "auto":
+        raise ValueError(f"device {mc.device} names one GPU, but tensor parallelism puts rank r on "
+                         f"GPU r of its machine; use --device cuda")
+    return torch.device("cuda", group.local_rank)
+
+
+def _kv_budget(cc, device: torch.device) -> int:
+    if cc.kv_cache_memory_gib is not None:
+        return int(cc.kv_cache_memory_gib * GIB)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9) - GIB  # leave room for activations and the allocator
+    return 4 * GIB
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        mc, cc, sc = config.model, config.cache, config.scheduler
-        self.device = mc.torch_device()
-        self.dtype = mc.torch_dtype(self.device)
-        self.model_path = _resolve_model_path(mc.model)
-        self.model = load_model(self.model_path, mc.load_format, self.device, self.dtype, mc.dummy_seed)
+        sc = config.scheduler
+        self.coordinator: Coordinator | None = None  # tensor parallel: rank 0's link to the others
+        group = workers = None
+        if config.parallel.tensor_parallel_size > 1:
+            arch = resolve_arch_config(_resolve_model_path(config.model.model))
+            Shard(0, config.parallel.tensor_parallel_size).check(arch)  # before starting any process
+            group, workers = start_group(config)
+        try:
+            rank = build_rank(config, group)
+        except Exception as e:
+            if group is None:
+                raise
+            coordinator = Coordinator(group, None, workers)
+            error = coordinator.fail(e)
+            coordinator.close()
+            raise error from e
+        self.device, self.dtype, self.model_path = rank.device, rank.dtype, rank.model_path
+        self.model, self.max_model_len, self.runner = rank.model, rank.max_model_len, rank.runner
+        self.kv = self.runner.kv
+        if group is not None:
+            self.kv = self.runner.kv = RecordingKV(self.kv)
+            self.coordinator = Coordinator(group, self.kv, workers)
+            self.runner.before_forward = self.coordinator.send
         arch = self.model.config
         self.tokenizer = _load_tokenizer(self.model_path)
-        limits = [arch.max_position_embeddings, arch.sliding_window, mc.max_model_len]
-        self.max_model_len = min(x for x in limits if x)
         self.eos_token_ids = set(arch.eos_token_ids) | read_generation_eos(Path(self.model_path))
         if self.tokenizer is not None:
             self.eos_token_ids |= self.tokenizer.eos_token_ids
-        spec = KVCacheSpec(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
-                           head_dim=arch.head_dim, dtype=self.dtype, max_seqs=sc.max_num_seqs,
-                           max_seq_len=self.max_model_len, layout=cc.layout)
-        self.kv = make_kv_manager(cc.kv_cache, spec, self.device, self._kv_budget(),
-                                  cc.page_size, cc.eager_cushion_groups, cc.block_size)
         self.scheduler = Scheduler(self.kv, sc.max_num_seqs, sc.max_num_batched_tokens)
-        backend = make_backend(cc.attention_backend, self.kv.kind, arch.head_dim, self.device,
-                               cc.block_size)
-        self.runner = ModelRunner(self.model, self.kv, backend, Sampler(), self.device,
-                                  sc.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.max_request_tokens = min(self.max_model_len, self.kv.max_tokens_per_request)
         self._groups: dict[str, list[Request]] = {}  # request id -> its n samples
@@ -62,15 +130,6 @@ class LLMEngine:
         self.peak_bytes_used = 0  # most KV bytes holding tokens after any step
         self.peak_bytes_committed = 0  # most KV bytes mapped/allocated/reserved after any step
         self.last_step_shape = (0, 0)  # (sequences, tokens) the last step computed
-
-    def _kv_budget(self) -> int:
-        gib = self.config.cache.kv_cache_memory_gib
-        if gib is not None:
-            return int(gib * GIB)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.9) - GIB  # leave room for activations and the allocator
-        return 4 * GIB
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -131,7 +190,14 @@ class LLMEngine:
         """Run one step; returns the current state of every request group that progressed."""
         sched = self.scheduler.schedule()
         self.last_step_shape = (len(sched.scheduled), sched.num_batched_tokens)
-        sampled = self.runner.execute(sched) if sched.scheduled else {}
+        try:
+            sampled = self.runner.execute(sched) if sched.scheduled else {}
+        except TensorParallelError:
+            raise
+        except Exception as e:
+            if self.coordinator is None:
+                raise
+            raise self.coordinator.fail(e) from e  # a collective broke: say which rank failed and why
         touched: dict[str, list[Request]] = {}
         for item in sched.scheduled:
             req = item.request
@@ -161,6 +227,9 @@ class LLMEngine:
         util = self.peak_bytes_used / self.peak_bytes_committed if self.peak_bytes_committed else 1.0
         line = (f"KV cache ({design}): peak {self.peak_bytes_used / mib:.2f} MiB used / "
                 f"{self.peak_bytes_committed / mib:.2f} MiB mapped ({util:.0%})")
+        tp = self.config.parallel.tensor_parallel_size
+        if tp > 1:
+            line += f" on rank 0 of {tp} (each rank holds its own KV heads)"
         counters = self.kv.usage().counters
         if "pages_mapped_background" in counters:
             line += (f"; pages mapped {counters['pages_mapped_background']} in background, "
@@ -169,6 +238,9 @@ class LLMEngine:
 
     def close(self) -> None:
         self.kv.close()
+        if self.coordinator is not None:
+            self.coordinator.close()
+            self.coordinator = None
 
 
 def _resolve_model_path(model: str | None) -> str:

@@ -5,11 +5,18 @@
 
 Module names match Hugging Face checkpoints, so a safetensors state dict loads as it is.
 Attention is delegated to a backend with the layer's KV cache and the step's metadata.
+
+Under tensor parallelism (a Shard of more than one rank, plus `comm` for the collectives) each
+rank builds only its slices (sharding.py) and sums partial results where Megatron does:
+
+  x ─ embed (vocab slice; all-reduce) ─ [q,k,v local heads ─ attn ─ o_proj rows; all-reduce]
+    ─ [gate,up local columns ─ down_proj rows; all-reduce] ─ ... ─ lm_head (vocab slice; all-gather)
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +24,47 @@ from torch import nn
 
 from ..attention import AttentionMetadata, LayerKV
 from .config import ModelArchConfig
+from .sharding import Shard
+
+
+class Collectives(Protocol):
+    """What a sharded model needs from its tensor-parallel group (vattention.distributed)."""
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...  # sum over ranks, in place
+
+    def all_gather_last(self, t: torch.Tensor) -> torch.Tensor: ...  # concatenate ranks' last dims
+
+
+class RowParallelLinear(nn.Linear):
+    """A linear layer holding some input columns: partial products are summed over ranks, then
+    the (whole) bias is added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, comm: Collectives | None):
+        super().__init__(in_features, out_features, bias=bias)
+        self.comm = comm
+
+    def forward(self, x):
+        if self.comm is None:
+            return super().forward(x)
+        y = self.comm.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """An embedding holding vocabulary rows [start, start + rows): tokens of other ranks embed to
+    zero here and the ranks' results are summed."""
+
+    def __init__(self, rows: int, dim: int, start: int, comm: Collectives | None):
+        super().__init__(rows, dim)
+        self.start, self.comm = start, comm
+
+    def forward(self, ids):
+        if self.comm is None:
+            return super().forward(ids)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.num_embeddings)
+        x = F.embedding(torch.where(mine, local, 0), self.weight) * mine[:, None].to(self.weight.dtype)
+        return self.comm.all_reduce(x)
 
 
 class RMSNorm(nn.Module):
@@ -61,14 +109,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelArchConfig):
+    def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = shard.num_heads(cfg), shard.num_kv_heads(cfg)  # this rank's
+        self.head_dim = cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = RowParallelLinear(self.num_heads * cfg.head_dim, cfg.hidden_size, False, comm)
 
     def forward(self, x, cos, sin, cache: LayerKV, meta: AttentionMetadata, backend):
         t = x.shape[0]
@@ -80,21 +129,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelArchConfig):
+    def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        width = cfg.intermediate_size // shard.world_size  # this rank's columns
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(width, cfg.hidden_size, cfg.mlp_bias, comm)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelArchConfig):
+    def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, shard, comm)
+        self.mlp = MLP(cfg, shard, comm)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -104,19 +154,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaBody(nn.Module):
-    def __init__(self, cfg: ModelArchConfig):
+    def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        rows = shard.vocab_per_rank(cfg)
+        self.embed_tokens = VocabParallelEmbedding(rows, cfg.hidden_size, shard.rank * rows, comm)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shard, comm) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelArchConfig):
+    def __init__(self, cfg: ModelArchConfig, shard: Shard = Shard(), comm: Collectives | None = None):
         super().__init__()
-        self.config = cfg
-        self.model = LlamaBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        shard.check(cfg)
+        self.config, self.shard, self.comm = cfg, shard, comm
+        self.model = LlamaBody(cfg, shard, comm)
+        self.lm_head = nn.Linear(cfg.hidden_size, shard.vocab_per_rank(cfg), bias=False)  # this rank's vocab rows
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # [D/2] float32
 
     def tie_weights(self) -> None:
@@ -135,5 +187,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32."""
-        return self.lm_head(hidden).float()
+        """[N, hidden] -> [N, vocab] float32 (every rank gets all of them)."""
+        logits = self.lm_head(hidden)
+        if self.comm is not None:
+            logits = self.comm.all_gather_last(logits)[:, :self.config.vocab_size]  # drop the padding
+        return logits.float()

@@ -1,5 +1,7 @@
 """Build a model on its device and fill its weights: from a Hugging Face directory
-(config.json + *.safetensors), or random ("dummy") for any config, e.g. a preset shape."""
+(config.json + *.safetensors), or random ("dummy") for any config, e.g. a preset shape.
+Under tensor parallelism each rank builds and reads only its slices (sharding.py): safetensors'
+get_slice reads just those bytes of the file."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelArchConfig
-from .llama import LlamaForCausalLM, rope_inv_freq
+from .llama import Collectives, LlamaForCausalLM, rope_inv_freq
 from .presets import PRESETS
+from .sharding import Shard
 
 
 def resolve_arch_config(model: str | Path) -> ModelArchConfig:
@@ -36,10 +39,11 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_model(cfg: ModelArchConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+def build_model(cfg: ModelArchConfig, device: torch.device, dtype: torch.dtype, shard: Shard = Shard(),
+                comm: Collectives | None = None) -> LlamaForCausalLM:
     """Parameters allocated directly on `device` in `dtype` (no CPU copy), contents undefined."""
     with _default_dtype(dtype), torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg, shard, comm)
     model = model.to_empty(device=device)
     model.inv_freq = rope_inv_freq(cfg).to(device)
     model.tie_weights()
@@ -52,6 +56,8 @@ def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     params = dict(model.named_parameters())
+    with torch.device("meta"):
+        whole = {n: p.shape for n, p in LlamaForCausalLM(model.config).named_parameters()}
     tied = model.config.tie_word_embeddings
     loaded: set[str] = set()
     for file in files:
@@ -62,16 +68,31 @@ def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
                 if name not in params:
                     raise ValueError(f"{file.name}: tensor {name!r} matches no parameter of "
                                      f"{model.config.architecture}")
-                tensor = f.get_tensor(name)
-                if tensor.shape != params[name].shape:
-                    raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, the "
-                                     f"config implies {tuple(params[name].shape)}")
-                with torch.no_grad():
-                    params[name].copy_(tensor)
+                source = f.get_slice(name)
+                if tuple(source.get_shape()) != tuple(whole[name]):
+                    raise ValueError(f"{file.name}: {name} has shape {tuple(source.get_shape())}, "
+                                     f"the config implies {tuple(whole[name])}")
+                _copy_shard(params[name], source, name, whole[name], model)
                 loaded.add(name)
     missing = [n for n in params if n not in loaded and not (tied and n == "lm_head.weight")]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def _copy_shard(param: torch.Tensor, source, name: str, whole: torch.Size, model: LlamaForCausalLM) -> None:
+    """Copy this rank's slice of a checkpoint tensor (all of it without sharding) into param;
+    `whole` is the unsharded shape the config implies."""
+    where = model.shard.slice_of(name, model.config)
+    with torch.no_grad():
+        if where is None:
+            param.copy_(source[:])
+            return
+        dim, start, length = where
+        stop = min(start + length, whole[dim])  # the last vocabulary slice may run into padding
+        part = source[start:stop] if dim == 0 else source[:, start:stop]
+        if stop - start < length:
+            param.zero_()
+        param.narrow(dim, 0, stop - start).copy_(part)
 
 
 def init_dummy(model: LlamaForCausalLM, seed: int = 0) -> None:
@@ -88,11 +109,13 @@ def init_dummy(model: LlamaForCausalLM, seed: int = 0) -> None:
 
 
 def load_model(model: str | Path, load_format: str, device: torch.device, dtype: torch.dtype,
-               seed: int = 0) -> LlamaForCausalLM:
+               seed: int = 0, shard: Shard = Shard(), comm: Collectives | None = None) -> LlamaForCausalLM:
+    """Dummy weights under tensor parallelism are drawn per rank (seed + rank): the same shapes
+    and statistics as one rank's, not its values."""
     cfg = resolve_arch_config(model)
-    net = build_model(cfg, device, dtype)
+    net = build_model(cfg, device, dtype, shard, comm)
     if load_format == "dummy":
-        init_dummy(net, seed)
+        init_dummy(net, seed + shard.rank)
     elif load_format in ("auto", "safetensors"):
         if str(model) in PRESETS:
             raise ValueError(f"{model!r} is a preset shape without weights; add --load-format dummy")

@@ -14,9 +14,8 @@ import sys
 from dataclasses import dataclass
 
 from ..cli_args import add_dataclass_args, dataclass_values
-from ..config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from ..config import ENGINE_CONFIGS, EngineConfig
 
-ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `model` the default answers to
 API_KEY_ENV = "VATTENTION_API_KEY"
 

@@ -21,7 +21,10 @@ if [ "$part" = tests-8b ]; then
         tail -6 "$out/throughput_tp${tp}_llama-3-8b.txt"
     done
 else
-    timeout 560 python3 -m vattention bench throughput --model yi-34b "${common[@]}" \
+    VATTENTION_TEST_DEVICE=cuda timeout 150 python3 -m pytest -v -p no:cacheprovider \
+        tests/gpu/test_tensor_parallel_gpu.py -k bf16 > "$out/gpu_tests_tp_bf16_h200x2.txt" 2>&1
+    tail -3 "$out/gpu_tests_tp_bf16_h200x2.txt"
+    timeout 420 python3 -m vattention bench throughput --model yi-34b "${common[@]}" \
         --tensor-parallel-size 2 --out "$out/throughput_tp2_yi-34b.json" > "$out/throughput_tp2_yi-34b.txt" 2>&1
     tail -6 "$out/throughput_tp2_yi-34b.txt"
 fi

@@ -14,6 +14,7 @@ from vattention import LLM, SamplingParams
 from vattention.engine.tp import TensorParallelError
 
 from engine_helpers import make_checkpoint
+from test_engine_gpu import TOP, check_tokens_close
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
@@ -23,13 +24,16 @@ CHECKPOINT = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_h
                   initializer_range=0.1)
 
 
-def tokens(path, **options):
+def generate(path, **options):
     llm = LLM(model=str(path), device="cuda", kv_cache_memory_gib=1.0, max_num_batched_tokens=512, **options)
     try:
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+        return llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=TOP))
     finally:
         llm.close()
-    return [o.outputs[0].token_ids for o in outs]
+
+
+def tokens(path, **options):
+    return [o.outputs[0].token_ids for o in generate(path, **options)]
 
 
 @pytest.mark.parametrize("options", [
@@ -43,11 +47,15 @@ def test_tp2_equals_tp1_on_two_gpus(tmp_path, options):
 
 @pytest.mark.parametrize("options", [dict(), dict(kv_cache="paged", block_size=16)], ids=["flash", "triton-paged"])
 def test_tp2_bf16_agrees_with_tp1_until_a_near_tie(tmp_path, options):
+    """bf16 rounds each rank's partial sums before the all-reduce, so greedy paths may part, but
+    only where the two tokens are near-tied: each side's token is in the other's top-5 there."""
     make_checkpoint("llama", tmp_path, **CHECKPOINT)
-    one, two = tokens(tmp_path, dtype="bfloat16", **options), tokens(tmp_path, dtype="bfloat16",
-                                                                      tensor_parallel_size=2, **options)
-    prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(one, two)]
-    assert sum(p == len(x) for p, x in zip(prefix, one)) >= len(PROMPTS) - 1, (prefix, one, two)
+    one = generate(tmp_path, dtype="bfloat16", **options)
+    two = generate(tmp_path, dtype="bfloat16", tensor_parallel_size=2, **options)
+    for a, b in zip(one, two):
+        ca, cb = a.outputs[0], b.outputs[0]
+        check_tokens_close(ca.token_ids, [{lp.token_id: lp.logprob for lp in s} for s in ca.top_logprobs],
+                           cb.token_ids, [{lp.token_id: lp.logprob for lp in s} for s in cb.top_logprobs])
 
 
 def test_killed_worker_on_nccl_raises_instead_of_hanging(tmp_path):

@@ -81,7 +81,7 @@ class FlexPagedBackend:
             self.attend = torch.compile(flex_attention)
         else:
             self.attend = _quiet(flex_attention)
-        self._masks: tuple[AttentionMetadata, dict] | None = None  # this step's block masks, by group
+        self._masks: tuple[AttentionMetadata, list] | None = None  # this step's groups and block masks
 
     def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         if q.is_cuda and cache.k_blocks.numel() >= MAX_POOL_ELEMENTS:
@@ -90,25 +90,28 @@ class FlexPagedBackend:
                              f"offsets; lower --kv-cache-memory-gib or use --attention-backend triton")
         write_kv(cache, k, v, meta)
         if self._masks is None or self._masks[0] is not meta:  # built once per step, used by every layer
-            self._masks = (meta, {})
-        lens = meta.query_lens
-        first = [0, *itertools.accumulate(lens)]  # first row of each sequence's queries
+            self._masks = (meta, self._step_groups(meta, cache.k_blocks.shape[0], q.device))
         out = torch.empty_like(q)
-        for group in (tuple(i for i, n in enumerate(lens) if n == 1),
-                      tuple(i for i, n in enumerate(lens) if n > 1)):
-            if not group:
-                continue
-            rows = [r for i in group for r in range(first[i], first[i + 1])]
-            dest = to_device(rows, torch.long, q.device)
-            out[dest] = self._attend_group(q[dest], cache, meta, group)
+        for mask, batch, q_len, packed, dest in self._masks[1]:
+            out[dest] = self._attend_group(q[dest], cache, mask, batch, q_len, packed)
         return out
 
-    def _attend_group(self, q, cache: LayerKV, meta: AttentionMetadata, group: tuple[int, ...]):
-        """q [rows, H_q, D]: the query rows of the sequences in `group`, in order."""
-        step_masks = self._masks[1]
-        if group not in step_masks:
-            step_masks[group] = self._block_mask(meta, group, cache.k_blocks.shape[0], q.device)
-        mask, batch, q_len, packed = step_masks[group]
+    def _step_groups(self, meta: AttentionMetadata, num_blocks: int, device) -> list[tuple]:
+        """Per group (decodes, chunks) of this step: its block mask, padded shape, packed rows, and
+        the step rows its queries occupy."""
+        lens = meta.query_lens
+        first = [0, *itertools.accumulate(lens)]  # first row of each sequence's queries
+        groups = []
+        for group in (tuple(i for i, n in enumerate(lens) if n == 1),
+                      tuple(i for i, n in enumerate(lens) if n > 1)):
+            if group:
+                rows = [r for i in group for r in range(first[i], first[i + 1])]
+                groups.append((*self._block_mask(meta, group, num_blocks, device),
+                               to_device(rows, torch.long, device)))
+        return groups
+
+    def _attend_group(self, q, cache: LayerKV, mask, batch: int, q_len: int, packed: torch.Tensor):
+        """q [rows, H_q, D]: one group's query rows, in order."""
         num_blocks, block, heads, dim = cache.k_blocks.shape
         q4 = q.new_zeros(batch * q_len, *q.shape[1:])
         q4[packed] = q

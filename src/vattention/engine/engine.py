@@ -76,7 +76,7 @@ def _rank_device(mc, group: TPGroup | None) -> torch.device:
     device = mc.torch_device()
     if group is None or device.type != "cuda":
         return device
-    if device.index is not None and mc.device != "auto":
+    if device.index is not None:
         raise ValueError(f"device {mc.device} names one GPU, but tensor parallelism puts rank r on "
                          f"GPU r of its machine; use --device cuda")
     return torch.device("cuda", group.local_rank)

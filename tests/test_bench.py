@@ -116,6 +116,25 @@ def test_capacity_marks_static_shorter_than_the_trace_not_applicable(tmp_path):
     assert "skipped" in static[0] and "3256 tokens" in static[0]["skipped"]
 
 
+
+def test_bench_memory_designs_is_the_capacity_benchmark(tmp_path, capsys):
+    """`vattention bench memory designs` runs the KV-design comparison (#4's `memory` benchmark):
+    the same JSON as `vattention bench capacity` with the same arguments."""
+    from vattention.cli import main as cli_main
+
+    argv = ["--budget-gib", "0.25", "--traces", "long", "--long-num", "8", "--long-min", "200",
+            "--long-max", "600", "--layouts", "cross_layer", "--block-sizes", "16,128",
+            "--static-max-lens", "trace", "--steady-steps", "20"]
+    via_memory, via_capacity = tmp_path / "m.json", tmp_path / "c.json"
+    assert cli_main(["bench", "memory", "designs", *argv, "--out", str(via_memory)]) == 0
+    assert capacity.main([*argv, "--out", str(via_capacity)]) == 0
+    runs = [json.loads(p.read_text())["runs"] for p in (via_memory, via_capacity)]
+    pick = [[(r["design"], r["admission"], r["steady"]["finished"]) for r in rs] for rs in runs]
+    assert pick[0] == pick[1] and len(pick[0]) == 4
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "memory", "designs", "--help"])
+    assert "vattention bench memory designs" in capsys.readouterr().out
+
 def _tiny_model(tmp_path: Path) -> Path:
     model = tmp_path / "tiny"
     model.mkdir()

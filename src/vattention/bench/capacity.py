@@ -1,4 +1,5 @@
-"""`vattention bench capacity`: how many requests each KV design fits in one budget. No model runs.
+"""`vattention bench capacity` (also `vattention bench memory designs`): how many requests each KV
+design fits in one budget, and its committed vs used KV bytes. No model runs.
 
     vattention bench capacity                                   # llama-3-8b, 40 GiB, both traces
     vattention bench capacity --models llama-3-8b,yi-34b,llama-3-70b --budget-gib 20
@@ -85,8 +86,8 @@ class Trace:
         return max(p + o for p, o in self.lengths)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vattention bench capacity", description=__doc__,
+def parse_args(argv: list[str] | None, prog: str = "vattention bench capacity") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="llama-3-8b",
                    help="comma list of presets (llama-3-8b, yi-34b, llama-3-70b, ...) or HF config dirs")
@@ -239,8 +240,8 @@ def run_design(design: Design, arch: ModelArchConfig, trace: Trace, ns: argparse
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ns = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "vattention bench capacity") -> int:
+    ns = parse_args(argv, prog)
     designs, traces = make_designs(ns), make_traces(ns)
     results = {"device": device_name("cpu"), "torch": torch.__version__, "budget_gib": ns.budget_gib,
                "page_mib": ns.page_mib, "kv_dtype": str(KV_DTYPE), "steady_steps": ns.steady_steps,

@@ -22,6 +22,12 @@ Simulated compute is a chain of bf16 matmuls sized to --compute-ms followed by
 torch.cuda.synchronize() on CUDA, and time.sleep() on CPU; both release the GIL, as a real step
 does, so the background mapper can run. --quick (the default on CPU) shrinks the runs so the whole
 script finishes well under a minute on two cores.
+
+    vattention bench memory designs [...]                   # = vattention bench capacity [...]
+
+compares the KV designs instead (vattention layouts, paged block sizes, static): committed vs used
+KV bytes and the most concurrent requests at one budget, on ShareGPT and long-context lengths;
+`vattention bench memory designs --help` lists its arguments.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import argparse
 import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -481,6 +488,10 @@ def run_decode(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["designs"]:  # the KV designs at one budget: the capacity benchmark
+        from .capacity import main as designs_main
+        return designs_main(argv[1:], prog="vattention bench memory designs")
     args = parse_args(argv)
     start = time.perf_counter()
     args.page_size = page_size = _driver_page_size(args.device, args.page_size)  # resolved once

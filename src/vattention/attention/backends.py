@@ -61,16 +61,44 @@ def causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Ten
     return torch.arange(seq_len, device=device)[None, :] <= pos[:, None]
 
 
+def padded_decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence, every sequence padded to meta.max_seq_len keys, in one batched
+    softmax; reads only device tensors (and the host int max_seq_len), so it can be captured in
+    a CUDA graph. Key slots past a sequence's length read its last token (always mapped) and are
+    masked out.  q [B, H_q, D] -> [B, H_q, D]"""
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = cache.k_flat.shape[1]
+    t = torch.arange(meta.max_seq_len, device=q.device)  # [S]
+    lens = meta.seq_lens_t.long()[:, None]  # [B, 1]
+    pos = torch.minimum(t[None, :], lens - 1)  # [B, S]
+    if meta.block_tables is None:
+        rows = meta.kv_starts.long()[:, None] + pos
+    else:
+        blocks = meta.block_tables.long().gather(1, pos // meta.block_size)
+        rows = blocks * meta.block_size + pos % meta.block_size
+    keys = cache.k_flat[rows.flatten()].view(num_seqs, -1, num_kv_heads, head_dim).float()  # [B, S, H_kv, D]
+    values = cache.v_flat[rows.flatten()].view(num_seqs, -1, num_kv_heads, head_dim).float()
+    qg = q.float().view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)  # [B, H_kv, G, D]
+    scores = torch.einsum("bhgd,bshd->bhgs", qg, keys) * scale  # [B, H_kv, G, S]
+    scores = scores.masked_fill((t[None, :] >= lens)[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgs,bshd->bhgd", scores.softmax(-1), values)
+    return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
+
+
 class SDPABackend:
-    """Any device, either cache kind: scaled_dot_product_attention per sequence."""
+    """Any device, either cache kind: scaled_dot_product_attention per sequence; decode-only
+    steps of small padded size run as one batched softmax (padded_decode) instead."""
 
     name = "sdpa"
+    max_padded_rows = 1 << 18  # decode-only steps pad to B x max_seq_len key rows up to this many
 
     def __init__(self, scale: float):
         self.scale = scale
 
     def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         write_kv(cache, k, v, meta)
+        if meta.is_decode and meta.num_seqs * meta.max_seq_len <= self.max_padded_rows:
+            return padded_decode(q, cache, meta, self.scale)
         out = torch.empty_like(q)
         start = 0
         for i, n_q in enumerate(meta.query_lens):

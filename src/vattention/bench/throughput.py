@@ -10,6 +10,7 @@ build the LLM, warm it up, submit every request at once, step the engine until a
 (timing each step), record, close and free the device memory before the next design.
 
   designs  --kv-caches vattention,paged,static x --layouts (vattention) x --block-sizes (paged)
+           (x CUDA graphs on and off with --compare-eager)
   traces   sharegpt  first --num-prompts usable conversations (bench/datasets.py): prompt = first
                      human turn, output length = first gpt turn's; tokens estimated as chars/4 and
                      random prompt ids when the model has no tokenizer (dummy weights)
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--paged-backends", default=None,
                    help="attention backends for each paged block size, e.g. triton,flex "
                         "(default: --attention-backend)")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="run every design twice: with CUDA graphs for decode steps, then --enforce-eager")
     p.add_argument("--out", default=None,
                    help="JSON path (default: benchmarks/results/throughput_<dataset>_<model>.json); "
                         "the PNG goes beside it")
@@ -87,10 +90,14 @@ def designs(ns: argparse.Namespace) -> list[dict]:
                     for size in _csv(ns.block_sizes) for backend in backends]
         else:
             out.append({"kv_cache": kind})
+    if ns.compare_eager:
+        out = [mode for design in out for mode in (design, {**design, "enforce_eager": True})]
     return out
 
 
 def label(design: dict) -> str:
+    if design.get("enforce_eager"):
+        return label({k: v for k, v in design.items() if k != "enforce_eager"}) + " eager"
     if "layout" in design:
         return f"{design['kv_cache']} {design['layout']}"
     if "block_size" in design:

@@ -54,6 +54,10 @@ class KVManager(Protocol):
 
     def layer_caches(self) -> list[LayerKV]: ...
 
+    def padding_row(self) -> int:
+        """A flat KV row (mapped, owned by no request) that padded CUDA-graph batches may write
+        and read; reserved on the first call, the same one after."""
+
     def usage(self) -> KVUsage: ...
 
     def close(self) -> None: ...

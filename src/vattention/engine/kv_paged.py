@@ -39,6 +39,7 @@ class PagedKVManager:
         self._free_blocks = list(range(self.num_blocks - 1, -1, -1))  # a stack: pop() is the next
         self._tables: dict[str, list[int]] = {}  # request id -> its blocks in token order
         self._tokens: dict[str, int] = {}  # request id -> tokens it holds
+        self._padding_block: int | None = None  # padded graph batches write and read its first row
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
         table = self._tables.get(request_id, [])
@@ -64,6 +65,15 @@ class PagedKVManager:
 
     def layer_caches(self) -> list[LayerKV]:
         return self._caches
+
+    def padding_row(self) -> int:
+        if self._padding_block is None:
+            if not self._free_blocks:
+                raise RuntimeError("no KV block left for the CUDA-graph padding block; reserve it "
+                                   "before admitting requests, or run with enforce_eager")
+            self._padding_block = self._free_blocks.pop()
+            self.max_tokens_per_request = min(self.max_tokens_per_request, len(self._free_blocks) * self.block_size)
+        return self._padding_block * self.block_size
 
     def usage(self) -> KVUsage:
         blocks = sum(len(t) for t in self._tables.values())

@@ -36,6 +36,7 @@ class StaticKVManager:
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
         self._slots: dict[str, int] = {}  # request id -> slot
         self._tokens: dict[str, int] = {}
+        self._padding_slot: int | None = None  # padded graph batches write and read its first row
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
         if request_id not in self._slots:
@@ -60,6 +61,16 @@ class StaticKVManager:
 
     def layer_caches(self) -> list[LayerKV]:
         return self._caches
+
+    def padding_row(self) -> int:
+        """A slot taken out of service (the scheduler may then run one request fewer at once
+        when the budget, not max_num_seqs, limits the slots)."""
+        if self._padding_slot is None:
+            if not self._free_slots:
+                raise RuntimeError("no KV slot left for the CUDA-graph padding slot; reserve it "
+                                   "before admitting requests, or run with enforce_eager")
+            self._padding_slot = self._free_slots.pop()
+        return self._padding_slot * self.spec.max_seq_len
 
     def usage(self) -> KVUsage:
         return KVUsage(sum(self._tokens.values()) * self.spec.bytes_per_token,

@@ -1,7 +1,11 @@
 """The vAttention KV manager: each request owns one slot of a VirtualKVCache; growth maps pages
-on demand, and the next step's lengths are mapped in the background while this step computes."""
+on demand, and the next step's lengths are mapped in the background while this step computes.
+The cache has one slot more than the scheduler runs: the padding slot, whose first token padded
+CUDA-graph batches write and read (graphs.py), reserved the first time it is asked for."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -15,11 +19,13 @@ class VAttentionKVManager:
 
     def __init__(self, spec: KVCacheSpec, device: torch.device, budget_bytes: int,
                  page_size: int | None = None, eager_cushion_groups: int = 1):
-        self.cache = VirtualKVCache(spec, device=device, memory_budget_bytes=budget_bytes,
-                                    page_size=page_size, eager_cushion_groups=eager_cushion_groups)
+        self.cache = VirtualKVCache(dataclasses.replace(spec, max_seqs=spec.max_seqs + 1), device=device,
+                                    memory_budget_bytes=budget_bytes, page_size=page_size,
+                                    eager_cushion_groups=eager_cushion_groups)
         lay = self.cache.layout
         self.max_tokens_per_request = lay.tokens_in(self.cache.stats().pages_total // lay.num_tensors)
         self._slots: dict[str, int] = {}  # request id -> slot
+        self._padding_slot: int | None = None  # holds one token that padded graph batches overwrite
         self._caches = []
         for layer in range(spec.num_layers):
             k, v = self.cache.kv(layer)
@@ -56,10 +62,19 @@ class VAttentionKVManager:
     def layer_caches(self) -> list[LayerKV]:
         return self._caches
 
+    def padding_row(self) -> int:
+        if self._padding_slot is None:
+            slot = self.cache.alloc_slot(1)
+            if slot is None or not self.cache.ensure(slot, 1):
+                raise RuntimeError("no KV memory left for the CUDA-graph padding slot; reserve it "
+                                   "before admitting requests, or run with enforce_eager")
+            self._padding_slot = slot
+        return self._padding_slot * self.cache.slot_stride_tokens
+
     def usage(self) -> KVUsage:
         st = self.cache.stats()
         return KVUsage(st.bytes_used, st.bytes_mapped, st.pages_total * st.page_size,
-                       st.num_slots_busy, st.page_size, st.pages_total, st.pages_mapped,
+                       len(self._slots), st.page_size, st.pages_total, st.pages_mapped,
                        st.pages_free, counters=vars(st.counters))
 
     def close(self) -> None:

@@ -3,7 +3,8 @@
   SchedulerOutput ─> flat input_ids/positions + AttentionMetadata ─> model ─> hidden [T, H]
       ─> rows that sample (last token of each finishing chunk) ─> logits ─> Sampler ─> tokens
 Before the forward it hands the next step's lengths to the KV manager, so pages for the next
-step are mapped in the background while this one computes.
+step are mapped in the background while this one computes. Decode-only steps replay a CUDA graph
+of the model body when the runner has them (graphs.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling import Sampler, SamplingBatch
+from .graphs import DecodeGraphs
 from .kv_manager import KVManager
 from .scheduler import SchedulerOutput
 
@@ -48,6 +50,7 @@ class ModelRunner:
         self.device = device
         self.max_num_batched_tokens = max_num_batched_tokens
         self.before_forward = before_forward  # tensor parallel: send the step to the other ranks
+        self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode-only steps, when enabled
 
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
         """Run the step; returns the sampled token of every request whose chunk completed."""
@@ -93,7 +96,10 @@ class ModelRunner:
         meta = self.kv.build_metadata(inputs.request_ids, inputs.query_lens, inputs.seq_lens, self.device)
         ids = torch.tensor(inputs.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
         pos = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
-        hidden = self.model(ids, pos, self.kv.layer_caches(), meta, self.backend)  # [T, hidden]
+        if self.graphs is not None and self.graphs.fits(meta):
+            hidden = self.graphs.run(ids, pos, meta)  # [T, hidden]
+        else:
+            hidden = self.model(ids, pos, self.kv.layer_caches(), meta, self.backend)
         if not inputs.sample_rows:
             return None
         rows = torch.tensor(inputs.sample_rows).to(self.device, non_blocking=True)

@@ -67,6 +67,9 @@ class RecordingKV:
     def layer_caches(self):
         return self.inner.layer_caches()
 
+    def padding_row(self) -> int:
+        return self.inner.padding_row()  # reserved by every rank at start, before any request
+
     def usage(self) -> KVUsage:
         return self.inner.usage()
 

@@ -16,7 +16,7 @@ for batch in 1 8 64; do
         --num-prompts $batch --input-len 512 --output-len 256 --max-num-seqs 256 \
         --max-num-batched-tokens 8192 --kv-cache-memory-gib 40 $flag \
         --out "$out/offline_b${batch}_${mode}.json" > "$out/offline_b${batch}_${mode}.txt" 2>&1
-    echo "batch $batch $mode: $(grep -iE 'decode' "$out/offline_b${batch}_${mode}.txt" | head -2 | tr '\n' ' ')"
+    echo "batch $batch $mode: $(grep -E 'decode_step|output_tok' "$out/offline_b${batch}_${mode}.txt" | tr -s ' ' | tr '\n' ' ')"
   done
 done
 timeout 400 python3 -m vattention bench throughput --model llama-3-8b --load-format dummy --device cuda \
@@ -24,4 +24,6 @@ timeout 400 python3 -m vattention bench throughput --model llama-3-8b --load-for
     --kv-cache-memory-gib 40 --max-num-seqs 256 --max-num-batched-tokens 8192 \
     --kv-caches vattention,paged --compare-eager \
     --out "$out/throughput_sharegpt_llama-3-8b_graphs.json" > "$out/throughput_sharegpt_llama-3-8b_graphs.txt" 2>&1
-tail -14 "$out/throughput_sharegpt_llama-3-8b_graphs.txt"
+tail -8 "$out/throughput_sharegpt_llama-3-8b_graphs.txt"
+tar -C "$out" -czf "$out/offline_graphs.tgz" $(cd "$out" && ls offline_b*)  # the device tool returns 8 files
+rm "$out"/offline_b*

@@ -62,7 +62,7 @@ def test_float32_graphs_give_the_eager_outputs(tmp_path, options):
     options = dict(attention_backend="sdpa", **options)
     eager, _ = _generate(tmp_path, "float32", "eager", **options)
     graphed, replays = _generate(tmp_path, "float32", "sdpa", **options)
-    assert replays > 100
+    assert replays >= max(MAX_TOKENS) - 4  # (nearly) every decode step replayed a graph
     for i, (e, g) in enumerate(zip(eager, graphed)):
         assert g.token_ids == e.token_ids, f"prompt {i}"
         worst = max(abs(a.logprob - b.logprob) for a, b in zip(g.logprobs, e.logprobs))
@@ -74,7 +74,7 @@ def test_bf16_engine_graphs_agree_with_eager(tmp_path, kv_cache):
     make_checkpoint("llama", tmp_path, **CHECKPOINT)
     eager, _ = _generate(tmp_path, "bfloat16", "eager", kv_cache=kv_cache)
     graphed, replays = _generate(tmp_path, "bfloat16", "engine", kv_cache=kv_cache)
-    assert replays > 100
+    assert replays >= max(MAX_TOKENS) - 4  # (nearly) every decode step replayed a graph
     same = 0
     for e, g in zip(eager, graphed):
         check_tokens_close(g.token_ids, _tops(g), e.token_ids, _tops(e))

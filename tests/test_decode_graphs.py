@@ -12,7 +12,7 @@ import torch
 from vattention import LLM, SamplingParams
 from vattention.attention import AttentionMetadata, LayerKV, build_contiguous_metadata, build_paged_metadata
 from vattention.attention.backends import ReferenceBackend, padded_decode
-from vattention.engine.graphs import DecodeGraphs, graph_batch_sizes
+from vattention.engine.graphs import DecodeGraphs, graph_batch_sizes, use_graphs
 
 from engine_helpers import make_checkpoint
 
@@ -28,6 +28,15 @@ def test_graph_batch_sizes():
     assert graph_batch_sizes(30) == [1, 2, 4, 8, 16, 24, 30]
     sizes = graph_batch_sizes(256)
     assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256 and len(sizes) == 35
+
+
+def test_graphs_are_used_on_one_gpu_with_flash_or_triton_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_graphs(False, cuda, "flash", 1) and use_graphs(False, cuda, "triton", 1)
+    assert not use_graphs(True, cuda, "flash", 1)  # enforce_eager
+    assert not use_graphs(False, cpu, "sdpa", 1) and not use_graphs(False, cuda, "flex", 1)
+    assert not use_graphs(False, cuda, "sdpa", 1)  # its long decode steps loop over host lists
+    assert not use_graphs(False, cuda, "flash", 2)  # tensor parallel ranks run eagerly
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ class ModelConfig:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     max_model_len: int | None = None  # context length; None = the model's (capped by sliding window)
     dummy_seed: int = 0  # seed of the random weights that --load-format dummy draws
-    enforce_eager: bool = False  # run every step eagerly; otherwise (CUDA, flash/triton/sdpa attention) decode-only steps replay CUDA graphs
+    enforce_eager: bool = False  # run every step eagerly; otherwise (one CUDA GPU, flash or triton attention) decode-only steps replay CUDA graphs
     max_graph_batch_size: int = 256  # largest decode batch captured as a CUDA graph (sizes 1, 2, 4, 8, 16, 24, ... up to it and max_num_seqs); larger batches run eagerly
 
     def __post_init__(self):

@@ -25,7 +25,7 @@ from ..models.sharding import Shard
 from ..outputs import RequestOutput
 from ..sampling import Sampler
 from ..sampling_params import SamplingParams
-from .graphs import GRAPH_BACKENDS, DecodeGraphs
+from .graphs import DecodeGraphs, use_graphs
 from .kv_manager import make_kv_manager
 from .output_processor import OutputProcessor, make_request_output
 from .request import Request
@@ -70,7 +70,7 @@ def build_rank(config: EngineConfig, group: TPGroup | None) -> RankState:
                          cc.block_size)
     backend = make_backend(cc.attention_backend, kv.kind, arch.head_dim, device, cc.block_size)
     runner = ModelRunner(model, kv, backend, Sampler(), device, sc.max_num_batched_tokens)
-    if device.type == "cuda" and not mc.enforce_eager and backend.name in GRAPH_BACKENDS:
+    if use_graphs(mc.enforce_eager, device, backend.name, shard.world_size):
         runner.graphs = DecodeGraphs(model, kv, backend, device, min(mc.max_graph_batch_size, sc.max_num_seqs),
                                      max_model_len)
     return RankState(device, dtype, model_path, model, max_model_len, runner)

@@ -30,6 +30,14 @@ from .kv_manager import KVManager
 GRAPH_BACKENDS = ("flash", "triton")  # CUDA backends whose decode path reads only device tensors
 
 
+def use_graphs(enforce_eager: bool, device: torch.device, backend_name: str, tensor_parallel_size: int) -> bool:
+    """Graphs serve decode steps on one CUDA GPU with flash or triton attention. Not under tensor
+    parallelism yet: capturing the NCCL all-reduces hung on two H200s (torch 2.11;
+    benchmarks/results/gpu_tests_tp_graphs_h200x2.txt), so those ranks run eagerly."""
+    return (not enforce_eager and device.type == "cuda" and backend_name in GRAPH_BACKENDS
+            and tensor_parallel_size == 1)
+
+
 def graph_batch_sizes(max_size: int) -> list[int]:
     """1, 2, 4, then every multiple of 8, up to and including max_size."""
     sizes = [s for s in (1, 2, 4) if s < max_size] + list(range(8, max_size, 8))

@@ -208,15 +208,9 @@ def measure(row: Row, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None,
 
 def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     """fn captured in a CUDA graph, so timings are the kernels' and not Python's launch overhead
-    (a serving engine replays decode steps from graphs too)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    (the engine replays its decode steps from graphs too)."""
+    from ..engine.graphs import capture_graph
+    graph, _ = capture_graph(fn)
     return graph.replay
 
 

@@ -77,7 +77,7 @@ class DecodeGraphs:
                     return model(self.ids[:b], self.positions[:b], caches, meta, backend)
 
                 if capture:
-                    graph, hidden = _capture(body, pool)
+                    graph, hidden = capture_graph(body, pool)
                     pool = graph.pool()
                     self._replay[b] = lambda graph=graph, hidden=hidden: (graph.replay(), hidden)[1]
                 else:
@@ -120,7 +120,7 @@ class DecodeGraphs:
             block_size=self.block_size)
 
 
-def _capture(body: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture_graph(body: Callable[[], torch.Tensor], pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm body up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture
     it. thread_local: the KV mapper thread may call the driver meanwhile."""
     stream = torch.cuda.Stream()

@@ -176,3 +176,27 @@ def test_padding_row_is_reserved_once_and_owned_by_no_request(checkpoint, kv_cac
             assert all(not s <= row < s + n for s, n in zip(meta.starts, meta.seq_lens))
     assert kv.usage().num_requests == 0
     llm.close()
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_graph_path_survives_preemption(checkpoint, kv_cache):
+    """A budget too small for all requests (48 x 4 KiB) preempts mid-decode; with the graph path
+    (padding row reserved first, out of that budget) greedy outputs still equal a roomy eager run."""
+    prompts = [list(range(10 + i, 50 + i)) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    roomy = LLM(model=str(checkpoint), device="cpu", dtype="float32", kv_cache_memory_gib=0.05,
+                page_size=64 << 10, max_model_len=256)
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params)]
+    roomy.close()
+    tight = LLM(model=str(checkpoint), device="cpu", dtype="float32", kv_cache=kv_cache, page_size=4096,
+                block_size=8, kv_cache_memory_gib=48 * 4096 / (1 << 30), max_model_len=256)
+    engine = tight.engine
+    engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.runner.backend, engine.device, 4,
+                                        engine.max_model_len, capture=False)
+    preempted = []
+    preempt = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda req: (preempted.append(req.request_id), preempt(req))
+    outs = tight.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert preempted and engine.runner.graphs.num_replays > 50
+    tight.close()

@@ -32,8 +32,9 @@ GRAPH_BACKENDS = ("flash", "triton")  # CUDA backends whose decode path reads on
 
 def use_graphs(enforce_eager: bool, device: torch.device, backend_name: str, tensor_parallel_size: int) -> bool:
     """Graphs serve decode steps on one CUDA GPU with flash or triton attention. Not under tensor
-    parallelism yet: capturing the NCCL all-reduces hung on two H200s (torch 2.11;
-    benchmarks/results/gpu_tests_tp_graphs_h200x2.txt), so those ranks run eagerly."""
+    parallelism yet: graphs holding NCCL all-reduces capture and replay correctly, but a process
+    group they captured hangs when torn down (torch 2.11 on two H200s, pytorch#115388;
+    benchmarks/results/README.md), so tensor-parallel ranks run eagerly."""
     return (not enforce_eager and device.type == "cuda" and backend_name in GRAPH_BACKENDS
             and tensor_parallel_size == 1)
 

@@ -87,17 +87,19 @@ def padded_decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scal
 
 class SDPABackend:
     """Any device, either cache kind: scaled_dot_product_attention per sequence; decode-only
-    steps of small padded size run as one batched softmax (padded_decode) instead."""
+    steps run as one batched softmax (padded_decode) instead when their padded keys are few, and
+    always inside a CUDA graph (whose metadata has no host lists to loop over)."""
 
     name = "sdpa"
-    max_padded_rows = 1 << 18  # decode-only steps pad to B x max_seq_len key rows up to this many
+    max_padded_elements = 1 << 24  # decode-only steps gather B x max_seq_len x H_kv x D keys up to this many
 
     def __init__(self, scale: float):
         self.scale = scale
 
     def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         write_kv(cache, k, v, meta)
-        if meta.is_decode and meta.num_seqs * meta.max_seq_len <= self.max_padded_rows:
+        graph = meta.starts is None and meta.block_tables_host is None  # a CUDA graph's metadata: no host lists
+        if meta.is_decode and (graph or meta.num_seqs * meta.max_seq_len * k[0].numel() <= self.max_padded_elements):
             return padded_decode(q, cache, meta, self.scale)
         out = torch.empty_like(q)
         start = 0

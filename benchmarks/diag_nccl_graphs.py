@@ -4,7 +4,11 @@ NCCL default group plus a gloo control group; engine/graphs.py's warm-up then th
 capture, several batch sizes sharing one pool), printing each stage, then tear the group down.
 A stage that does not finish in 60 s dumps every thread's stack and exits.
 
-    python3 benchmarks/diag_nccl_graphs.py            # on a machine with 2 GPUs
+    python3 benchmarks/diag_nccl_graphs.py                     # on a machine with 2 GPUs
+    python3 benchmarks/diag_nccl_graphs.py --free-graphs-first  # drop the graphs, then tear down
+
+The second form tests the hypothesis that NCCL keeps resources of a communicator alive for the
+graphs that captured its collectives, so the graphs must go before the group does.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def body(layers: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def worker(rank: int, port: int) -> None:
+def worker(rank: int, port: int, free_graphs_first: bool) -> None:
     start = time.perf_counter()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
@@ -70,6 +74,11 @@ def worker(rank: int, port: int) -> None:
             print(f"[rank {rank}] batch {size}: max |graph - eager| = {err:.2e}", flush=True)
         stage(rank, "gloo barrier", start)
         dist.barrier(group=control)
+        if free_graphs_first:
+            stage(rank, "drop the graphs", start)
+            graphs.clear()
+            del graph, out
+            torch.cuda.synchronize()
     stage(rank, "destroy_process_group", start)
     dist.destroy_process_group()
     stage(rank, "done", start)
@@ -82,7 +91,7 @@ def main() -> int:
         return 1
     print(f"torch {torch.__version__}, NCCL {torch.cuda.nccl.version()}, "
           f"NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}", flush=True)
-    mp.spawn(worker, args=(29517,), nprocs=2)
+    mp.spawn(worker, args=(29517, "--free-graphs-first" in sys.argv), nprocs=2)
     return 0
 
 

@@ -39,3 +39,13 @@ def test_config_values_are_validated():
         EngineConfig.from_kwargs(layout="paged")
     with pytest.raises(ValueError, match="max_num_seqs must be >= 1"):
         EngineConfig.from_kwargs(max_num_seqs=0)
+
+
+def test_logit_bias_flag_takes_id_equals_bias_entries(capsys):
+    from vattention.cli import _sampling
+    ns = build_parser().parse_args(["generate", "x", "--logit-bias", "5=100", "7=-1.5"])
+    assert _sampling(ns).logit_bias == {5: 100.0, 7: -1.5}
+    assert _sampling(build_parser().parse_args(["generate", "x"])).logit_bias == {}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "x", "--logit-bias", "5"])
+    assert "expected KEY=VALUE, got '5'" in capsys.readouterr().err

@@ -217,3 +217,14 @@ def test_dummy_weights_at_a_preset_shape_run(tmp_path):
     assert len(out[0].outputs[0].token_ids) == 5
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         make_llm(tmp_path)
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(tmp_path):
+    make_checkpoint("llama", tmp_path)
+    llm = make_llm(tmp_path)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 320\): \[320, 999\]"):
+        llm.engine.add_request([5, 6], SamplingParams(logit_bias={3: 1.0, 320: 2.0, 999: -1.0}))
+    assert not llm.engine.has_unfinished()
+    out = llm.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                logit_bias={17: 100.0}))
+    assert out[0].outputs[0].token_ids == [17] * 4

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 
 import pytest
 import torch
 
-from vattention.sampling import Sampler, SamplingBatch, apply_penalties, sampling_probs
+from vattention.sampling import Sampler, SamplingBatch, apply_logit_bias, apply_penalties, sampling_probs
 from vattention.sampling_params import SamplingParams as SP
 
 from conftest import TEST_DEVICE
@@ -300,3 +301,40 @@ def test_malformed_batches_are_rejected_with_a_message():
     with pytest.raises(ValueError, match="logits must be"):
         sampler(random_logits(3, 10, seed=0), batch_of([SP(), SP()]))
     assert sampler(torch.empty(0, 10, device=DEVICE), batch_of([])).token_ids == []
+
+
+# ---- logit_bias ----
+
+def test_logit_bias_steers_greedy_rows_and_leaves_logprobs_raw():
+    """+100 on a token makes greedy pick it, -100 on the argmax makes greedy pick the runner-up;
+    the reported logprob is still the raw model's."""
+    logits = torch.tensor([HAND_LOGITS, HAND_LOGITS], device=DEVICE)
+    out = sampler(logits, batch_of([SP(temperature=0, logit_bias={4: 100.0}, logprobs=0),
+                                    SP(temperature=0, logit_bias={3: -100.0}, logprobs=0)]))
+    assert out.token_ids == [4, 0]
+    raw = ref_log_softmax(HAND_LOGITS)
+    assert_close(out.logprobs, [raw[4], raw[0]], 1e-5, "logprobs")
+
+
+def test_logit_bias_then_filters_match_the_reference():
+    """Sampled rows: the probabilities are the reference's over penalized + biased logits."""
+    params = [SP(logit_bias={1: 2.5, 5: -3.0}, top_k=4, presence_penalty=0.5),
+              SP(logit_bias={0: -100.0}, top_p=0.7, temperature=0.8), SP(logit_bias={31: 1.0, 99: 5.0})]
+    outputs = [[1, 1, 2], [0], []]
+    logits = random_logits(len(params), 32, seed=11, scale=2.0)
+    batch = batch_of(params, outputs=outputs)
+    got = sampling_probs(apply_logit_bias(apply_penalties(logits, batch), params), params).cpu().tolist()
+    raw = logits.cpu().double().tolist()
+    for i, p in enumerate(params):
+        biased = ref_penalize(raw[i], p, [], outputs[i])
+        for token, bias in p.logit_bias.items():
+            if token < len(biased):  # ids past the vocabulary are ignored
+                biased[token] += bias
+        assert_close(got[i], ref_probs(biased, p), 1e-6, f"{short(p)}: probabilities")
+
+
+@pytest.mark.parametrize("bias, message", [({-1: 1.0}, "non-negative token ids"),
+                                           ({3: 101.0}, "in [-100, 100]")])
+def test_bad_logit_bias_is_refused(bias, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SP(logit_bias=bias)

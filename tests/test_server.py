@@ -296,6 +296,27 @@ def test_invalid_parameters_are_400_naming_the_param(main, client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
 
 
+def test_logit_bias_forces_or_bans_tokens_and_bad_ids_are_400(main, client):
+    """OpenAI's logit_bias: +100 on one token makes greedy output only it; -100 on the greedy
+    first token makes the output start differently; ids outside the vocabulary name the param."""
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, logprobs=0, **GREEDY).choices[0]
+    forced_id = 1530
+    forced = client.completions.create(model=MODEL, prompt=PROMPT, logit_bias={str(forced_id): 100},
+                                      **GREEDY).choices[0].text
+    detok = httpx.post(main.url + "/detokenize", json={"tokens": [forced_id] * 10}).json()["prompt"]
+    assert forced == detok
+    first_token = greedy.logprobs.tokens[0]
+    first_id = httpx.post(main.url + "/tokenize", json={"prompt": PROMPT + first_token,
+                                                        "add_special_tokens": False}).json()["tokens"][-1]
+    banned = client.completions.create(model=MODEL, prompt=PROMPT, logit_bias={str(first_id): -100},
+                                       **GREEDY).choices[0].text
+    assert not banned.startswith(first_token) and banned != greedy.text
+    for bias in ({"49152": 5}, {"x": 5}, {"3": 500}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt=PROMPT, logit_bias=bias, max_tokens=2)
+        assert e.value.param == "logit_bias", (bias, e.value.message)
+
+
 def test_prompt_plus_max_tokens_over_the_context_is_400_with_both_numbers(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=9000)

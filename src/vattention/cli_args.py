@@ -44,6 +44,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         if typing.get_origin(kind) is list:
             group.add_argument(flag, type=typing.get_args(kind)[0], nargs="*", default=default,
                                help=help_text, dest=f.name)
+        elif typing.get_origin(kind) is dict:  # KEY=VALUE entries, e.g. --logit-bias 15=-100 42=5
+            key_type, value_type = typing.get_args(kind)
+            group.add_argument(flag, type=_key_value(key_type, value_type), nargs="*", default=default,
+                               help=f"{help_text}; entries KEY=VALUE", dest=f.name)
         elif kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
@@ -52,4 +56,19 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
 
 
 def dataclass_values(ns: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict:
-    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.name not in skip}
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.name not in skip}
+    return {k: dict(v) if isinstance(v, list) and v and isinstance(v[0], tuple) else v
+            for k, v in values.items()}  # KEY=VALUE entries -> the dict field
+
+
+def _key_value(key_type: type, value_type: type):
+    def parse(text: str) -> tuple:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+        try:
+            return key_type(key), value_type(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {key_type.__name__}={value_type.__name__}, got {text!r}") from None
+    return parse

@@ -24,6 +24,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the end-of-sequence token
     logprobs: int | None = None  # return the sampled token's logprob and this many top ones
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before choosing, in [-100, 100] (OpenAI rule; logprobs stay the model's)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -32,6 +33,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self.logit_bias = dict(self.logit_bias or {})
         checks = [
             (isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
@@ -49,6 +51,10 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
             (self.seed is None or isinstance(self.seed, int), "seed must be an integer"),
+            (all(isinstance(t, int) and t >= 0 for t in self.logit_bias),
+             "logit_bias keys must be non-negative token ids"),
+            (all(isinstance(b, (int, float)) and -100 <= b <= 100 for b in self.logit_bias.values()),
+             "logit_bias values must be in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -153,6 +153,9 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        outside = sorted(t for t in params.logit_bias if t >= vocab)
+        if outside:
+            raise ValueError(f"logit_bias names token ids outside the vocabulary [0, {vocab}): {outside[:5]}")
         max_tokens = min(params.max_tokens or room, room)
         group = []
         for i in range(params.n):

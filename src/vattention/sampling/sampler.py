@@ -2,7 +2,7 @@
 
 Per row, in this order (vLLM / HF / OpenAI semantics):
 
-    raw logits ──► penalties ──► greedy rows: argmax
+    raw logits ──► penalties ──► logit_bias ──► greedy rows: argmax
         │          (repetition, frequency, presence)
         │                   └──► sampled rows: / temperature ─► top-k ─► top-p ─► min-p ─► draw
         └──► logprobs / top_logprobs (log_softmax of the raw logits, never of the processed ones)
@@ -72,7 +72,7 @@ class Sampler:
             return SamplerOutput(token_ids=[], logprobs=None, top_logprobs=None)
         # [num_rows, vocab]; aliases the caller's tensor when already float32: nothing in-place
         raw = logits.to(torch.float32)
-        penalized = apply_penalties(raw, batch)
+        penalized = apply_logit_bias(apply_penalties(raw, batch), batch.params)
         token_ids = penalized.argmax(dim=-1)  # [num_rows]; kept for the greedy rows
         sampled = [i for i, p in enumerate(batch.params) if p.temperature >= GREEDY_TEMPERATURE]
         if sampled:
@@ -109,6 +109,19 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
     x = x - frequency * output_counts - presence * in_output
     return logits.index_copy(0, index, x)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[num_rows, vocab] float32 -> each row's logit_bias added to its tokens (a new tensor when
+    any row has one; ids outside [0, vocab) are ignored)."""
+    entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias.items()
+               if token < logits.shape[1]]
+    if not entries:
+        return logits
+    rows, tokens, biases = zip(*entries)
+    device = logits.device
+    return logits.index_put((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
+                            torch.tensor(biases, dtype=torch.float32, device=device), accumulate=True)
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -115,6 +115,7 @@ class OpenAIServer:
         prompt_ids, prompt_text = self._completion_prompt(body.prompt)
         max_tokens = self._max_tokens(body.max_tokens, len(prompt_ids), "prompt")
         params = body.to_sampling_params(max_tokens)
+        self._check_token_ids(list(params.logit_bias), "logit_bias")
         self._check_context(len(prompt_ids), max_tokens, "prompt")
         echo = ""
         if body.echo:
@@ -156,6 +157,7 @@ class OpenAIServer:
         prompt_ids = self._chat_prompt(body.messages, add_generation_prompt=True)
         max_tokens = self._max_tokens(body.requested_max_tokens, len(prompt_ids), "messages")
         params = body.to_sampling_params(max_tokens)
+        self._check_token_ids(list(params.logit_bias), "logit_bias")
         self._check_context(len(prompt_ids), max_tokens, "messages")
         gen = await self._submit("chatcmpl", prompt_ids, params)
 

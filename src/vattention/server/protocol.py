@@ -75,6 +75,7 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; unused
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias in [-100, 100]
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None,
                          param_names: dict[str, str]) -> SamplingParams:
@@ -88,6 +89,8 @@ class _SamplingRequest(_Strict):
                  "frequency_penalty": self.frequency_penalty, "seed": self.seed,
                  "stop": self.stop, "stop_token_ids": self.stop_token_ids}
         kwargs = {k: v for k, v in given.items() if v is not None}
+        if self.logit_bias:
+            kwargs["logit_bias"] = self.logit_bias_ids()
         try:
             return SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs,
                                   ignore_eos=self.ignore_eos,
@@ -98,6 +101,14 @@ class _SamplingRequest(_Strict):
             field = m.group(1) if m else None
             raise APIError(400, str(e).removeprefix("invalid SamplingParams: "),
                            param=param_names.get(field, field)) from None
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        """logit_bias with integer keys; a key that is not a token id is a 400."""
+        try:
+            return {int(k): v for k, v in (self.logit_bias or {}).items()}
+        except ValueError:
+            bad = next(k for k in self.logit_bias if not k.lstrip("-").isdigit())
+            raise APIError(400, f"logit_bias keys must be token ids, got {bad!r}", param="logit_bias") from None
 
     @property
     def include_usage(self) -> bool:

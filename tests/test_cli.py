@@ -49,3 +49,13 @@ def test_logit_bias_flag_takes_id_equals_bias_entries(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "x", "--logit-bias", "5"])
     assert "expected KEY=VALUE, got '5'" in capsys.readouterr().err
+
+
+def test_sampling_flags_given_override_the_model_defaults_and_the_rest_follow_them():
+    from vattention.cli import _sampling
+    defaults = {"temperature": 0.0, "top_p": 0.9}
+    ns = build_parser().parse_args(["generate", "x", "--top-p", "0.5", "--max-tokens", "3"])
+    params = _sampling(ns, defaults=defaults)
+    assert (params.temperature, params.top_p, params.max_tokens) == (0.0, 0.5, 3)
+    assert _sampling(build_parser().parse_args(["chat"]), ("n", "logprobs"), defaults).top_p == 0.9
+    assert _sampling(build_parser().parse_args(["generate", "x"])).temperature == 1.0  # no defaults

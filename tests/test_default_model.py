@@ -183,6 +183,9 @@ def test_first_conversion_writes_an_hf_directory(converted):
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json"):
         assert (model_dir / name).is_file(), f"{name} missing from {model_dir}"
+    from vattention.models.gguf_import import DEFAULT_MODEL_SAMPLING
+    from vattention.models.loader import read_generation_defaults
+    assert read_generation_defaults(model_dir) == DEFAULT_MODEL_SAMPLING == {"temperature": 0.0}
     leftovers = [p.name for p in model_dir.parent.iterdir() if p != model_dir]
     assert leftovers == [], f"staging directories left behind: {leftovers}"
     print(f"first conversion took {converted['seconds']:.1f} s")

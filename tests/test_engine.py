@@ -228,3 +228,22 @@ def test_logit_bias_outside_the_vocabulary_is_refused(tmp_path):
     out = llm.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
                                                 logit_bias={17: 100.0}))
     assert out[0].outputs[0].token_ids == [17] * 4
+
+
+def test_model_generation_config_gives_the_sampling_defaults(tmp_path):
+    """generation_config.json's sampling keys (as vLLM reads them) fill what the caller leaves
+    unset; generation_config="vattention" ignores them."""
+    make_checkpoint("llama", tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": 2, "do_sample": True, "temperature": 0.0, "top_k": 5, "max_new_tokens": 3}))
+    llm = make_llm(tmp_path)
+    assert llm.engine.default_sampling == {"temperature": 0.0, "top_k": 5}
+    params = llm.engine.default_sampling_params(max_tokens=6, ignore_eos=True)
+    assert (params.temperature, params.top_k, params.max_tokens) == (0.0, 5, 6)
+    by_default = llm.generate([PROMPTS[1]])[0].outputs[0].token_ids  # no params: the model's (greedy)
+    greedy = llm.generate([PROMPTS[1]], SamplingParams(temperature=0))[0].outputs[0].token_ids
+    assert by_default == greedy and len(by_default) >= 1
+    llm.close()
+    own = make_llm(tmp_path, generation_config="vattention")
+    assert own.engine.default_sampling == {} and own.engine.default_sampling_params().temperature == 1.0
+    own.close()

@@ -296,6 +296,15 @@ def test_invalid_parameters_are_400_naming_the_param(main, client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
 
 
+def test_unset_sampling_parameters_take_the_models_defaults(client):
+    """The built-in model's generation_config.json says greedy: a request that names no
+    temperature gets the greedy text (OpenAI's own default, 1.0, would sample)."""
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY).choices[0].text
+    unset = {k: v for k, v in GREEDY.items() if k != "temperature"}
+    for _ in range(2):
+        assert client.completions.create(model=MODEL, prompt=PROMPT, **unset).choices[0].text == greedy
+
+
 def test_logit_bias_forces_or_bans_tokens_and_bad_ids_are_400(main, client):
     """OpenAI's logit_bias: +100 on one token makes greedy output only it; -100 on the greedy
     first token makes the output start differently; ids outside the vocabulary name the param."""

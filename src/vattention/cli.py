@@ -32,8 +32,9 @@ def _engine_kwargs(ns: argparse.Namespace) -> dict:
     return kwargs
 
 
-def _sampling(ns: argparse.Namespace, skip: tuple[str, ...] = ()) -> SamplingParams:
-    return SamplingParams(**dataclass_values(ns, SamplingParams, skip))
+def _sampling(ns: argparse.Namespace, skip: tuple[str, ...] = (), defaults: dict | None = None) -> SamplingParams:
+    """The sampling flags given, over `defaults` (the model's), over SamplingParams' own."""
+    return SamplingParams(**{**(defaults or {}), **dataclass_values(ns, SamplingParams, skip)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
                      help="wrap the prompt as a user message in the model's chat template, if any")
-    add_dataclass_args(gen, SamplingParams)
+    add_dataclass_args(gen, SamplingParams, only_given=True)
     _add_engine_args(gen)
 
     chat = sub.add_parser("chat", help="talk to the model (empty line or Ctrl-D ends)")
     chat.add_argument("--system", default=None, help="a system message")
-    add_dataclass_args(chat, SamplingParams, skip=CHAT_SKIP)
+    add_dataclass_args(chat, SamplingParams, skip=CHAT_SKIP, only_given=True)
     _add_engine_args(chat)
 
     add_serve_args(sub.add_parser("serve", help="an OpenAI-compatible HTTP server, like vllm serve"))
@@ -91,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _generate(ns: argparse.Namespace) -> int:
     from .engine import LLM
-    params = _sampling(ns)
+    _sampling(ns)  # bad flags fail before the model loads
     llm = LLM(**_engine_kwargs(ns))
+    params = _sampling(ns, defaults=llm.engine.default_sampling)
     tok = llm.tokenizer
     if ns.chat_template and tok is not None and tok.chat_template is not None:
         outs = llm.chat([{"role": "user", "content": ns.prompt}], params)
@@ -109,8 +111,9 @@ def _generate(ns: argparse.Namespace) -> int:
 
 def _chat(ns: argparse.Namespace) -> int:
     from .engine import LLM
-    params = _sampling(ns, CHAT_SKIP)
+    _sampling(ns, CHAT_SKIP)
     llm = LLM(**_engine_kwargs(ns))
+    params = _sampling(ns, CHAT_SKIP, llm.engine.default_sampling)
     messages = [{"role": "system", "content": ns.system}] if ns.system else []
     while True:
         try:

@@ -30,7 +30,10 @@ def _scalar_type(annotation) -> type:
     return hints
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                       only_given: bool = False) -> None:
+    """only_given: flags left out stay out of the namespace (their help still shows the default),
+    so that defaults from elsewhere (a model's sampling defaults) can fill them."""
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0]
                                       if cls.__doc__ else None)
     comments = field_comments(cls)
@@ -41,6 +44,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         kind = _scalar_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")
+        if only_given:
+            default = argparse.SUPPRESS
         if typing.get_origin(kind) is list:
             group.add_argument(flag, type=typing.get_args(kind)[0], nargs="*", default=default,
                                help=help_text, dest=f.name)
@@ -56,7 +61,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
 
 
 def dataclass_values(ns: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict:
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.name not in skip}
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+              if f.name not in skip and hasattr(ns, f.name)}
     return {k: dict(v) if isinstance(v, list) and v and isinstance(v[0], tuple) else v
             for k, v in values.items()}  # KEY=VALUE entries -> the dict field
 

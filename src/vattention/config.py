@@ -21,12 +21,15 @@ class ModelConfig:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     max_model_len: int | None = None  # context length; None = the model's (capped by sliding window)
     dummy_seed: int = 0  # seed of the random weights that --load-format dummy draws
+    generation_config: str = "auto"  # sampling defaults for what a request leaves unset: auto (the model's generation_config.json, as vLLM) or vattention (SamplingParams' own)
     enforce_eager: bool = False  # run every step eagerly; otherwise (one CUDA GPU, flash or triton attention) decode-only steps replay CUDA graphs
     max_graph_batch_size: int = 256  # largest decode batch captured as a CUDA graph (sizes 1, 2, 4, 8, 16, 24, ... up to it and max_num_seqs); larger batches run eagerly
 
     def __post_init__(self):
         if self.max_graph_batch_size < 1:
             raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
+        if self.generation_config not in ("auto", "vattention"):
+            raise ValueError(f"generation_config must be auto or vattention, got {self.generation_config!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
         if self.dtype not in DTYPES:

@@ -19,7 +19,7 @@ from ..attention import make_backend
 from ..config import EngineConfig
 from ..distributed import TPGroup
 from ..memory import KVCacheSpec
-from ..models.loader import load_model, read_generation_eos, resolve_arch_config
+from ..models.loader import load_model, read_generation_defaults, read_generation_eos, resolve_arch_config
 from ..models.presets import PRESETS
 from ..models.sharding import Shard
 from ..outputs import RequestOutput
@@ -126,6 +126,9 @@ class LLMEngine:
         self.eos_token_ids = set(arch.eos_token_ids) | read_generation_eos(Path(self.model_path))
         if self.tokenizer is not None:
             self.eos_token_ids |= self.tokenizer.eos_token_ids
+        # what a request leaves unset: the model's sampling defaults (or SamplingParams' own)
+        self.default_sampling = (read_generation_defaults(Path(self.model_path))
+                                 if config.model.generation_config == "auto" else {})
         self.scheduler = Scheduler(self.kv, sc.max_num_seqs, sc.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.max_request_tokens = min(self.max_model_len, self.kv.max_tokens_per_request)
@@ -136,6 +139,10 @@ class LLMEngine:
         self.last_step_shape = (0, 0)  # (sequences, tokens) the last step computed
 
     # ---- requests ---------------------------------------------------------------------------
+
+    def default_sampling_params(self, **given) -> SamplingParams:
+        """SamplingParams from what the caller gave, the model's defaults for the rest."""
+        return SamplingParams(**{**self.default_sampling, **given})
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:

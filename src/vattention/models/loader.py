@@ -132,3 +132,16 @@ def read_generation_eos(path: Path) -> set[int]:
         return set()
     eos = json.loads(file.read_text()).get("eos_token_id")
     return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def read_generation_defaults(path: Path) -> dict[str, float | int]:
+    """The sampling defaults a model ships in generation_config.json (the keys vLLM takes from it:
+    temperature, top_p, top_k, min_p, repetition_penalty); {} when there are none."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return {}
+    config = json.loads(file.read_text())
+    return {k: config[k] for k in GENERATION_DEFAULT_KEYS if config.get(k) is not None}

@@ -73,6 +73,7 @@ class OpenAIServer:
         self.max_model_len = engine.max_model_len
         self.context_limit = engine.max_request_tokens  # prompt + completion tokens per request
         self.vocab_size = engine.model.config.vocab_size
+        self.sampling_defaults = engine.default_sampling  # the model's, for what a request leaves unset
 
     # ---- small endpoints ----------------------------------------------------------------------
 
@@ -114,7 +115,7 @@ class OpenAIServer:
         self._check_model(body.model)
         prompt_ids, prompt_text = self._completion_prompt(body.prompt)
         max_tokens = self._max_tokens(body.max_tokens, len(prompt_ids), "prompt")
-        params = body.to_sampling_params(max_tokens)
+        params = body.to_sampling_params(max_tokens, self.sampling_defaults)
         self._check_token_ids(list(params.logit_bias), "logit_bias")
         self._check_context(len(prompt_ids), max_tokens, "prompt")
         echo = ""
@@ -156,7 +157,7 @@ class OpenAIServer:
         self._check_model(body.model)
         prompt_ids = self._chat_prompt(body.messages, add_generation_prompt=True)
         max_tokens = self._max_tokens(body.requested_max_tokens, len(prompt_ids), "messages")
-        params = body.to_sampling_params(max_tokens)
+        params = body.to_sampling_params(max_tokens, self.sampling_defaults)
         self._check_token_ids(list(params.logit_bias), "logit_bias")
         self._check_context(len(prompt_ids), max_tokens, "messages")
         gen = await self._submit("chatcmpl", prompt_ids, params)

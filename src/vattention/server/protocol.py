@@ -77,8 +77,8 @@ class _SamplingRequest(_Strict):
     user: str | None = None  # accepted for compatibility; unused
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias in [-100, 100]
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None,
-                         param_names: dict[str, str]) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int, logprobs: int | None, param_names: dict[str, str],
+                         defaults: dict) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true",
                            param="stream_options")
@@ -88,7 +88,7 @@ class _SamplingRequest(_Strict):
                  "presence_penalty": self.presence_penalty,
                  "frequency_penalty": self.frequency_penalty, "seed": self.seed,
                  "stop": self.stop, "stop_token_ids": self.stop_token_ids}
-        kwargs = {k: v for k, v in given.items() if v is not None}
+        kwargs = {**defaults, **{k: v for k, v in given.items() if v is not None}}
         if self.logit_bias:
             kwargs["logit_bias"] = self.logit_bias_ids()
         try:
@@ -121,11 +121,12 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = None  # the sampled token's logprob and this many most likely ones
     echo: bool = False  # the prompt text goes before the completion
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: dict) -> SamplingParams:
+        """defaults: the model's sampling defaults, for the parameters the request leaves unset."""
         if self.echo and self.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)",
                            param="echo")
-        return self._sampling_params(max_tokens, self.logprobs, {})
+        return self._sampling_params(max_tokens, self.logprobs, {}, defaults)
 
 
 class ContentPart(BaseModel):
@@ -164,14 +165,15 @@ class ChatCompletionRequest(_SamplingRequest):
             return self.max_completion_tokens
         return self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: dict) -> SamplingParams:
+        """defaults: the model's sampling defaults, for the parameters the request leaves unset."""
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         names = {"logprobs": "top_logprobs", "max_tokens": "max_tokens"}
         if self.max_completion_tokens is not None:
             names["max_tokens"] = "max_completion_tokens"
-        return self._sampling_params(max_tokens, logprobs, names)
+        return self._sampling_params(max_tokens, logprobs, names, defaults)
 
 
 class TokenizeRequest(_Strict):

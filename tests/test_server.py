@@ -221,6 +221,42 @@ def test_token_id_prompts_are_accepted(main, client):
     assert by_ids == client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY).choices[0].text
 
 
+def test_batched_prompts_answer_each_prompt_in_order_streamed_or_not(main, client):
+    """A list of prompts (text or token ids) in one completions request: prompt p's n choices are
+    indices p*n .. p*n+n-1 with the text a request of that prompt alone gets; usage sums them."""
+    prompts = [PROMPT, "One plus one is", "The sea is"]
+    alone = [client.completions.create(model=MODEL, prompt=p, **GREEDY) for p in prompts]
+    batched = client.completions.create(model=MODEL, prompt=prompts, **GREEDY)
+    assert [c.index for c in batched.choices] == [0, 1, 2]
+    assert [c.text for c in batched.choices] == [a.choices[0].text for a in alone]
+    for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert getattr(batched.usage, field) == sum(getattr(a.usage, field) for a in alone), field
+    ids = [httpx.post(main.url + "/tokenize", json={"prompt": p}).json()["tokens"] for p in prompts]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, **GREEDY)
+    assert [c.text for c in by_ids.choices] == [c.text for c in batched.choices]
+
+    seeded = dict(n=2, max_tokens=5, seed=3, temperature=1.0)
+    pair = client.completions.create(model=MODEL, prompt=prompts[:2], **seeded)
+    assert sorted(c.index for c in pair.choices) == [0, 1, 2, 3]
+    second = client.completions.create(model=MODEL, prompt=prompts[1], **seeded)
+    assert [c.text for c in pair.choices if c.index >= 2] == [c.text for c in second.choices]
+
+    texts, usage = {}, None
+    for ch in client.completions.create(model=MODEL, prompt=prompts, stream=True,
+                                        stream_options={"include_usage": True}, **GREEDY):
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+        usage = ch.usage or usage
+    assert texts == {c.index: c.text for c in batched.choices}
+    assert usage.completion_tokens == batched.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=["x"] * 257, max_tokens=1)
+    assert e.value.param == "prompt" and "at most 256" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # one bad prompt: nothing runs
+        client.completions.create(model=MODEL, prompt=[PROMPT, ""], max_tokens=1)
+    assert e.value.param == "prompt"
+
+
 def test_tokenize_and_detokenize_round_trip(main):
     r = httpx.post(main.url + "/tokenize", json={"prompt": "Hello, vAttention!"}).json()
     assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 8192

@@ -36,6 +36,8 @@ from .protocol import (APIError, AssistantMessage, ChatChoice, ChatCompletionChu
                        usage_of)
 from .stream import ChoiceDelta, DeltaTracker, Generation, sse_events, unless_disconnected
 
+MAX_BATCHED_PROMPTS = 256  # prompts in one completions request (each is its own engine request)
+
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
               shutdown_timeout_s: float = 30.0) -> FastAPI:
@@ -111,46 +113,60 @@ class OpenAIServer:
     # ---- generation ---------------------------------------------------------------------------
 
     async def completions(self, request: HTTPRequest) -> Response:
+        """One prompt or a batch of them (a list of strings or of token-id lists, as OpenAI takes):
+        prompt p's choices are indexed p * n + 0 .. p * n + n - 1, and usage sums the prompts."""
         body = await parse_body(request, CompletionRequest)
         self._check_model(body.model)
-        prompt_ids, prompt_text = self._completion_prompt(body.prompt)
-        max_tokens = self._max_tokens(body.max_tokens, len(prompt_ids), "prompt")
-        params = body.to_sampling_params(max_tokens, self.sampling_defaults)
-        self._check_token_ids(list(params.logit_bias), "logit_bias")
-        self._check_context(len(prompt_ids), max_tokens, "prompt")
-        echo = ""
-        if body.echo:
-            echo = prompt_text or self._need_tokenizer().decode(prompt_ids)
-        gen = await self._submit("cmpl", prompt_ids, params)
+        prompts = self._completion_prompts(body.prompt)
+        submissions = []  # (prompt ids, sampling params, echoed text) per prompt, all checked first
+        for prompt_ids, prompt_text in prompts:
+            max_tokens = self._max_tokens(body.max_tokens, len(prompt_ids), "prompt")
+            params = body.to_sampling_params(max_tokens, self.sampling_defaults)
+            self._check_token_ids(list(params.logit_bias), "logit_bias")
+            self._check_context(len(prompt_ids), max_tokens, "prompt")
+            echo = ""
+            if body.echo:
+                echo = prompt_text or self._need_tokenizer().decode(prompt_ids)
+            submissions.append((prompt_ids, params, echo))
+        gens: list[Generation] = []
+        try:
+            for prompt_ids, params, _ in submissions:
+                gens.append(await self._submit("cmpl", prompt_ids, params))
+        except APIError:
+            for gen in gens:  # nothing half-submitted keeps running
+                gen.close()
+            raise
+        first, n = gens[0], submissions[0][1].n
 
-        def chunk(d: ChoiceDelta) -> CompletionResponse:
+        def chunk(d: ChoiceDelta, p: int) -> CompletionResponse:
             logprobs = None
             if d.logprobs is not None:
                 logprobs = completion_logprobs(d.logprobs, d.top_logprobs, d.text_offset)
-            choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs,
+            choice = CompletionChoice(index=p * n + d.index, text=d.text, logprobs=logprobs,
                                       finish_reason=d.finish_reason, stop_reason=d.stop_reason)
-            return CompletionResponse(id=gen.request_id, created=gen.created,
+            return CompletionResponse(id=first.request_id, created=first.created,
                                       model=self.model_name, choices=[choice])
 
         if body.stream:
-            usage_chunk = CompletionResponse(id=gen.request_id, created=gen.created,
+            usage_chunk = CompletionResponse(id=first.request_id, created=first.created,
                                              model=self.model_name, choices=[])
-            return _sse(sse_events(gen, DeltaTracker(params, echo), chunk, usage_chunk,
-                                   body.include_usage))
-        out = await unless_disconnected(request, gen.final())
-        if out is None:
+            trackers = [DeltaTracker(params, echo) for _, params, echo in submissions]
+            return _sse(sse_events(gens, trackers, chunk, usage_chunk, body.include_usage))
+        outs = await unless_disconnected(request, asyncio.gather(*(gen.final() for gen in gens)))
+        if outs is None:
             return Response(status_code=499)  # nobody is listening
         choices = []
-        for c in out.outputs:
-            logprobs = None
-            if c.logprobs is not None:
-                logprobs = completion_logprobs(c.logprobs, c.top_logprobs, len(echo))
-            choices.append(CompletionChoice(index=c.index, text=echo + c.text, logprobs=logprobs,
-                                            finish_reason=c.finish_reason,
-                                            stop_reason=c.stop_reason))
-        return _json(CompletionResponse(id=gen.request_id, created=gen.created,
+        for p, (out, (_, _, echo)) in enumerate(zip(outs, submissions)):
+            for c in out.outputs:
+                logprobs = None
+                if c.logprobs is not None:
+                    logprobs = completion_logprobs(c.logprobs, c.top_logprobs, len(echo))
+                choices.append(CompletionChoice(index=p * n + c.index, text=echo + c.text,
+                                                logprobs=logprobs, finish_reason=c.finish_reason,
+                                                stop_reason=c.stop_reason))
+        return _json(CompletionResponse(id=first.request_id, created=first.created,
                                         model=self.model_name, choices=choices,
-                                        usage=usage_of(out)))
+                                        usage=usage_of(*outs)))
 
     async def chat(self, request: HTTPRequest) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
@@ -173,7 +189,7 @@ class OpenAIServer:
         if body.stream:
             usage_chunk = ChatCompletionChunk(id=gen.request_id, created=gen.created,
                                               model=self.model_name, choices=[])
-            return _sse(sse_events(gen, DeltaTracker(params), chunk, usage_chunk,
+            return _sse(sse_events([gen], [DeltaTracker(params)], lambda d, _: chunk(d), usage_chunk,
                                    body.include_usage))
         out = await unless_disconnected(request, gen.final())
         if out is None:
@@ -204,13 +220,17 @@ class OpenAIServer:
             raise APIError(400, f"token id {bad} is out of range [0, {self.vocab_size})",
                            param=param)
 
+    def _completion_prompts(self, prompt) -> list[tuple[list[int], str | None]]:
+        """(token ids, text if given as text) of each prompt: a str, a list[int], or a batch of
+        either (a list of str or of list[int])."""
+        batch = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        if len(batch) > MAX_BATCHED_PROMPTS:
+            raise APIError(400, f"{len(batch)} prompts in one request; at most {MAX_BATCHED_PROMPTS}",
+                           param="prompt")
+        return [self._completion_prompt(p) for p in batch]
+
     def _completion_prompt(self, prompt) -> tuple[list[int], str | None]:
-        """(token ids, text if given as text) of a str, list[int] or one-element list prompt."""
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise APIError(400, f"batched prompts are not supported ({len(prompt)} given); "
-                                    f"send one request per prompt", param="prompt")
-            prompt = prompt[0]
+        """(token ids, text if given as text) of a str or list[int] prompt."""
         if isinstance(prompt, str):
             ids, text = self._need_tokenizer().encode(prompt), prompt
         else:

@@ -331,8 +331,9 @@ def chat_logprobs(sampled: list[Logprob], top: list[list[Logprob]]) -> ChatLogpr
                                  for lp, alternatives in zip(sampled, top)])
 
 
-def usage_of(out: RequestOutput) -> UsageInfo:
-    completion = sum(len(c.token_ids) for c in out.outputs)
-    prompt = len(out.prompt_token_ids)
+def usage_of(*outs: RequestOutput) -> UsageInfo:
+    """Tokens of one request's output, or summed over a batched request's prompts."""
+    completion = sum(len(c.token_ids) for out in outs for c in out.outputs)
+    prompt = sum(len(out.prompt_token_ids) for out in outs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion)

@@ -145,24 +145,61 @@ class Generation:
                              self._arrival, self._first_token, time.monotonic())
 
 
-async def sse_events(gen: Generation, tracker: DeltaTracker,
-                     chunk: Callable[[ChoiceDelta], BaseModel], usage_chunk: BaseModel,
+async def sse_events(gens: list[Generation], trackers: list[DeltaTracker],
+                     chunk: Callable[[ChoiceDelta, int], BaseModel], usage_chunk: BaseModel,
                      include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: chunk(delta) per choice that progressed, usage_chunk with the usage
-    if asked for, then [DONE]. Cancelling or closing this generator (the client left) aborts the
-    request."""
+    """Server-sent events for one request's generations (one per prompt of a batched request):
+    chunk(delta, prompt index) per choice that progressed, in the order they progress; then
+    usage_chunk with the usage of all of them if asked for; then [DONE]. Cancelling or closing
+    this generator (the client left) aborts every generation."""
+    finals: list[RequestOutput] = []
     try:
-        async for out in gen:
-            for delta in tracker.update(out):
-                yield _event(chunk(delta))
-            if out.finished and include_usage:
-                usage_chunk.usage = usage_of(out)
-                yield _event(usage_chunk)
+        async for i, out in _merged(gens):
+            for delta in trackers[i].update(out):
+                yield _event(chunk(delta, i))
+            if out.finished:
+                finals.append(out)
+        if include_usage:
+            usage_chunk.usage = usage_of(*finals)
+            yield _event(usage_chunk)
     except RequestFailedError as e:
         yield _event(ErrorResponse(error=ErrorInfo(message=str(e), type="server_error")))
     finally:
-        gen.close()
+        for gen in gens:
+            gen.close()
     yield "data: [DONE]\n\n"
+
+
+async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(generation index, output) from all of gens as each arrives; a failure of one raises."""
+    if len(gens) == 1:
+        async for out in gens[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            async for out in gen:
+                await queue.put((i, out, None))
+            await queue.put((i, None, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, gen)) for i, gen in enumerate(gens)]
+    try:
+        running = len(gens)
+        while running:
+            i, out, error = await queue.get()
+            if error is not None:
+                raise error
+            if out is None:
+                running -= 1
+                continue
+            yield i, out
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _event(payload: BaseModel) -> str:

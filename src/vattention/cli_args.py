@@ -52,7 +52,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         elif typing.get_origin(kind) is dict:  # KEY=VALUE entries, e.g. --logit-bias 15=-100 42=5
             key_type, value_type = typing.get_args(kind)
             group.add_argument(flag, type=_key_value(key_type, value_type), nargs="*", default=default,
-                               help=f"{help_text}; entries KEY=VALUE", dest=f.name)
+                               action=_StoreDict, help=f"{help_text}; entries KEY=VALUE", dest=f.name)
         elif kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
@@ -61,10 +61,15 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
 
 
 def dataclass_values(ns: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict:
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
-              if f.name not in skip and hasattr(ns, f.name)}
-    return {k: dict(v) if isinstance(v, list) and v and isinstance(v[0], tuple) else v
-            for k, v in values.items()}  # KEY=VALUE entries -> the dict field
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+            if f.name not in skip and hasattr(ns, f.name)}
+
+
+class _StoreDict(argparse.Action):
+    """Parsed KEY=VALUE entries stored as the dict the field holds."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, dict(values))
 
 
 def _key_value(key_type: type, value_type: type):

@@ -50,7 +50,6 @@ class DecodeGraphs:
                  max_seq_len: int, capture: bool = True):
         self.sizes = graph_batch_sizes(max_batch_size)
         self.max_seq_len = max_seq_len  # every captured step's attention bound: the context length
-        self.capture = capture
         self.pad_row = kv.padding_row()
         self.block_size = kv.block_size if kv.kind == "paged" else 0
         size = self.sizes[-1]
@@ -98,15 +97,17 @@ class DecodeGraphs:
         self.positions[:n].copy_(positions)
         self.write_rows[:n].copy_(meta.kv_write_index)
         self.seq_lens[:n].copy_(meta.seq_lens_t)
+        if self.block_tables is None:
+            self.kv_starts[:n].copy_(meta.kv_starts)
+        else:
+            self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         if n < b:  # rows a larger step left behind would write into live requests' KV
             self.write_rows[n:b].fill_(self.pad_row)
             self.seq_lens[n:b].fill_(1)
-        if self.block_tables is None:
-            self.kv_starts[:n].copy_(meta.kv_starts)
-            self.kv_starts[n:b].fill_(self.pad_row)
-        else:
-            self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-            self.block_tables[n:b, 0].fill_(self.pad_row // self.block_size)
+            if self.block_tables is None:
+                self.kv_starts[n:b].fill_(self.pad_row)
+            else:
+                self.block_tables[n:b, 0].fill_(self.pad_row // self.block_size)
         self.num_replays += 1
         return self._replay[b]()[:n]
 

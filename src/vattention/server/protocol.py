@@ -104,11 +104,14 @@ class _SamplingRequest(_Strict):
 
     def logit_bias_ids(self) -> dict[int, float]:
         """logit_bias with integer keys; a key that is not a token id is a 400."""
-        try:
-            return {int(k): v for k, v in (self.logit_bias or {}).items()}
-        except ValueError:
-            bad = next(k for k in self.logit_bias if not k.lstrip("-").isdigit())
-            raise APIError(400, f"logit_bias keys must be token ids, got {bad!r}", param="logit_bias") from None
+        ids = {}
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                ids[int(key)] = bias
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids, got {key!r}",
+                               param="logit_bias") from None
+        return ids
 
     @property
     def include_usage(self) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import threading
+
 import pytest
 
 from vattention.memory import DriverError, VirtualKVCache
@@ -284,3 +287,52 @@ def test_no_wait_time_is_counted_without_background_work():
             assert cache.ensure(s, n)
         c = cache.stats().counters
         assert c.wait_seconds == 0 and c.pages_mapped_background == 0
+
+
+def test_closed_cache_hands_out_no_views():
+    cache = make_cache()
+    cache.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.kv(0)
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.kv_flat(0)
+
+
+def test_a_dead_view_keeps_its_range_reserved_so_no_later_cache_shares_it(layout):
+    """Close unmaps and releases every page, but a view still held (here a slice of one) keeps
+    the address range reserved: the next cache gets other addresses, so a write through the
+    stale view cannot reach its data. The range is freed once the view is collected."""
+    a = make_cache(layout)
+    s = a.alloc_slot()
+    assert a.ensure(s, 100)
+    stale = a.kv(1)[0][s, :10]
+    a_lo, a_hi = a._base, a._base + a.layout.reservation_bytes
+    a.close()
+    assert a.driver.num_live_handles == 0 and a.driver.num_live_mappings == 0  # memory returned
+    assert a.driver.num_live_reservations == 1, "the range was freed under a live view"
+    with make_cache(layout) as b:
+        b_lo, b_hi = b._base, b._base + b.layout.reservation_bytes
+        assert b_hi <= a_lo or b_lo >= a_hi, (hex(a_lo), hex(a_hi), hex(b_lo), hex(b_hi))
+    del stale
+    gc.collect()
+    assert a.driver.num_live_reservations == 0, "the range outlived its last view"
+
+
+def test_close_without_outside_views_frees_the_reservation_at_once():
+    cache = make_cache()
+    k, v = cache.kv(0)
+    del k, v
+    cache.close()
+    assert cache.driver.num_live_reservations == 0
+
+
+def test_the_last_view_may_die_on_another_thread():
+    """The deferred free runs on whichever thread drops the last view."""
+    cache = make_cache()
+    views = list(cache.kv(0))
+    cache.close()
+    assert cache.driver.num_live_reservations == 1
+    thread = threading.Thread(target=views.clear)
+    thread.start()
+    thread.join()
+    assert cache.driver.num_live_reservations == 0

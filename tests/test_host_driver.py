@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from vattention.memory import HostDriver
 
@@ -102,6 +103,62 @@ def test_touching_mapped_pages_does_not_fault(layout):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "survived" in proc.stdout
+
+
+STALE_VIEW_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from vattention.memory import HostDriver, KVCacheSpec, VirtualKVCache
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32,
+                       max_seqs=2, max_seq_len=4096, layout=sys.argv[1])
+    def open_cache():
+        cache = VirtualKVCache(spec, driver=HostDriver(65536), memory_budget_bytes=64 * 65536,
+                               eager_cushion_groups=0)
+        slot = cache.alloc_slot()
+        assert cache.ensure(slot, 10)
+        return cache, slot
+    a, slot = open_cache()
+    stale = a.kv(0)[0]
+    a.close()
+    b, slot_b = open_cache()  # the same shape: the allocator's first choice is a's old range
+    fresh = b.kv(0)[0]
+    fresh[slot_b, 0] = 42.0
+    view = stale if sys.argv[2] == "stale" else fresh
+    print("reading", flush=True)
+    print(float(view[slot_b, 0, 0, 0]), flush=True)
+    print("survived", flush=True)
+""")
+
+
+@pytest.mark.parametrize("which", ["stale", "fresh"])
+def test_a_view_of_a_closed_cache_faults_instead_of_reading_the_next_cache(layout, which):
+    """A view kept past close() reads nothing: it faults (SIGSEGV) even once another cache of
+    the same shape is live and written, instead of showing that cache's 42. The fresh view is
+    the control."""
+    proc = subprocess.run([sys.executable, "-c", STALE_VIEW_SCRIPT, layout, which],
+                          capture_output=True, text=True, timeout=120)
+    if which == "fresh":
+        assert proc.returncode == 0 and "42.0" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+        return
+    assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "reading" in proc.stdout and "survived" not in proc.stdout
+
+
+def test_views_only_over_live_reservations():
+    """tensor() refuses a range it did not reserve, or one already freed; a second free is an
+    error too, not a silent munmap of someone else's range."""
+    from vattention.memory import DriverError
+    d = HostDriver(SMALL_PAGE)
+    addr = d.reserve(2 * SMALL_PAGE)
+    assert d.tensor(addr, (2 * SMALL_PAGE,), torch.uint8, (1,)).numel() == 2 * SMALL_PAGE
+    with pytest.raises(DriverError, match="not inside a live reservation"):
+        d.tensor(addr, (3 * SMALL_PAGE,), torch.uint8, (1,))  # runs past the end
+    d.free_reservation(addr, 2 * SMALL_PAGE)
+    assert d.num_live_reservations == 0
+    with pytest.raises(DriverError, match="not inside a live reservation"):
+        d.tensor(addr, (16,), torch.uint8, (1,))
+    with pytest.raises(DriverError, match="free_reservation.*not a live reservation"):
+        d.free_reservation(addr, 2 * SMALL_PAGE)
+    d.close()
 
 
 def test_mapped_page_without_access_faults():

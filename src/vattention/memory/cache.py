@@ -11,6 +11,7 @@ pages) happens under it; driver calls happen outside it, on a job whose slot is 
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from dataclasses import replace
@@ -32,7 +33,8 @@ class VirtualKVCache:
 
     memory_budget_bytes  physical memory the cache may map (None: everything the slots could
                          ever hold, capped by what the device has free)
-    page_size            bytes per page (None: the driver's granularity, 2 MiB on CUDA)
+    page_size            bytes per page (None: the driver's default, 2 MiB); with `driver`, None
+                         or that driver's page_size
     prealloc             create every page of the budget now, so growth only maps
     eager_cushion_groups page groups the background mapper keeps mapped beyond each slot's length;
                          taken only from free pages, and reclaimed first when memory is short
@@ -41,8 +43,17 @@ class VirtualKVCache:
     def __init__(self, spec: KVCacheSpec, device: str | torch.device = "cpu",
                  memory_budget_bytes: int | None = None, page_size: int | None = None,
                  prealloc: bool = True, eager_cushion_groups: int = 1, driver: Driver | None = None):
+        eager_cushion_groups = _as_int("eager_cushion_groups", eager_cushion_groups)
         if eager_cushion_groups < 0:
             raise ValueError(f"eager_cushion_groups must be >= 0, got {eager_cushion_groups}")
+        if memory_budget_bytes is not None:
+            memory_budget_bytes = _as_int("memory_budget_bytes", memory_budget_bytes)
+            if memory_budget_bytes <= 0:
+                raise ValueError(f"memory_budget_bytes must be a positive number of bytes (or None "
+                                 f"for all the slots could hold), got {memory_budget_bytes}")
+        if driver is not None and page_size is not None and page_size != driver.page_size:
+            raise ValueError(f"page_size={page_size!r} differs from the given driver's page_size "
+                             f"{driver.page_size}; pass one or the other")
         self.spec = spec
         self.driver = driver if driver is not None else make_driver(device, page_size)
         self.layout = KVLayout(spec, self.driver.page_size)
@@ -86,6 +97,8 @@ class VirtualKVCache:
     def alloc_slot(self, num_tokens: int | None = None) -> int | None:
         """A free slot, or None when every slot is busy. With `num_tokens`, the free slot whose
         still-mapped pages fit it best (deferred reclamation: its pages are reused as they are)."""
+        if num_tokens is not None:
+            num_tokens = self._check_length(num_tokens)
         with self._lock:
             self._check_open()
             want = self.layout.groups_for(num_tokens) if num_tokens is not None else None
@@ -101,18 +114,18 @@ class VirtualKVCache:
         with self._lock:
             s = self._busy_slot(slot)
             s.busy, s.num_tokens, s.reserved_groups, s.fence = False, 0, 0, fence
-            self._pending.pop(slot, None)
+            self._pending.pop(s.index, None)
 
     # ---- growth -----------------------------------------------------------------------------
 
     def ensure(self, slot: int, num_tokens: int) -> bool:
         """Make tokens [0, num_tokens) of `slot` backed by memory, mapping now if the background
         mapper has not. False (nothing changed) when the budget cannot cover it."""
+        num_tokens = self._check_length(num_tokens)
         with self._lock:
             self._check_open()
             self._raise_mapper_error()
             s = self._busy_slot(slot)
-            self._check_length(num_tokens)
             want = self.layout.groups_for(num_tokens)
             if s.inflight:
                 start = time.perf_counter()
@@ -139,7 +152,7 @@ class VirtualKVCache:
             following = min(num_tokens + 1, self.spec.max_seq_len)
             if self.eager_cushion_groups and \
                     len(s.groups) < self.layout.groups_for(following) + self.eager_cushion_groups:
-                self._queue_background(slot, following)
+                self._queue_background(s.index, following)
         return True
 
     def prepare(self, lengths_by_slot: dict[int, int]) -> None:
@@ -148,11 +161,11 @@ class VirtualKVCache:
         with self._lock:
             self._check_open()
             self._raise_mapper_error()
-            for slot, num_tokens in lengths_by_slot.items():
-                s = self._busy_slot(slot)
-                self._check_length(num_tokens)
+            checked = [(self._busy_slot(slot), self._check_length(num_tokens))
+                       for slot, num_tokens in lengths_by_slot.items()]  # all valid before any is queued
+            for s, num_tokens in checked:
                 s.reserved_groups = max(s.reserved_groups, self.layout.groups_for(num_tokens))
-                self._queue_background(slot, num_tokens)
+                self._queue_background(s.index, num_tokens)
 
     def wait(self) -> None:
         """Block until every prepared length is mapped (or found not to fit); raise mapper errors."""
@@ -166,12 +179,20 @@ class VirtualKVCache:
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s K and V, each [max_seqs, max_seq_len, H_kv, D], zero-copy strided views."""
-        return self._views[layer][0]
+        return self._layer_views(layer)[0]
 
     def kv_flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V as [max_seqs * slot_stride_tokens, H_kv, D]: token t of slot s is row
         s * slot_stride_tokens + t, the form varlen kernels index with cu_seqlens_k."""
-        return self._views[layer][1]
+        return self._layer_views(layer)[1]
+
+    def _layer_views(self, layer: int):
+        layer = _as_int("layer", layer)
+        if not 0 <= layer < self.spec.num_layers:  # a negative layer would silently count from the end
+            raise IndexError(f"layer {layer} out of range [0, num_layers={self.spec.num_layers})")
+        with self._lock:  # close() empties the views
+            self._check_open()
+            return self._views[layer]
 
     def _make_views(self, layer: int):
         spec, lay = self.spec, self.layout
@@ -208,7 +229,7 @@ class VirtualKVCache:
     def slot_capacity(self, slot: int) -> int:
         """Tokens `slot` can hold with the pages it has mapped now."""
         with self._lock:
-            return self.layout.tokens_in(len(self._slots[slot].groups))
+            return self.layout.tokens_in(len(self._slot(slot).groups))
 
     def trim(self) -> int:
         """Unmap every idle slot's pages and release all pooled pages; returns bytes released."""
@@ -224,7 +245,13 @@ class VirtualKVCache:
             return self._pool.trim() * self.page_size
 
     def close(self) -> None:
-        """Unmap and release everything and free the reservation. Views are invalid afterwards."""
+        """Unmap and release every page (its memory really returns) and free the reservation.
+
+        Views are dead afterwards, and kv()/kv_flat() raise. A view still held elsewhere keeps
+        the reservation reserved, every page unmapped, until the last one is collected: an
+        access through it faults (SIGSEGV on the host, a CUDA error on the GPU) and can never
+        reach a later cache's memory, since no reserve() can return those addresses meanwhile.
+        driver.num_live_reservations counts such a range until it is freed."""
         with self._lock:
             if self._closed:
                 return
@@ -250,6 +277,7 @@ class VirtualKVCache:
                     errors.append(e)
                 self._pool.give([handle])  # released below even if still mapped: the driver frees it on unmap
             self._lost.clear()
+            self._views = []  # ours would keep the reservation alive; only outside views may
             for step in (self._pool.close,
                          lambda: self.driver.free_reservation(self._base, self.layout.reservation_bytes),
                          self.driver.close):
@@ -436,18 +464,24 @@ class VirtualKVCache:
 
     # ---- checks -----------------------------------------------------------------------------
 
-    def _busy_slot(self, slot: int) -> Slot:
+    def _slot(self, slot: int) -> Slot:
+        slot = _as_int("slot", slot)
         if not 0 <= slot < len(self._slots):
-            raise IndexError(f"slot {slot} out of range [0, {len(self._slots)})")
-        s = self._slots[slot]
+            raise IndexError(f"slot {slot} out of range [0, max_seqs={len(self._slots)})")
+        return self._slots[slot]
+
+    def _busy_slot(self, slot: int) -> Slot:
+        s = self._slot(slot)
         if not s.busy:
             raise ValueError(f"slot {slot} is not allocated; call alloc_slot() first")
         return s
 
-    def _check_length(self, num_tokens: int) -> None:
+    def _check_length(self, num_tokens: int) -> int:
+        num_tokens = _as_int("num_tokens", num_tokens)
         if not 0 <= num_tokens <= self.spec.max_seq_len:
             raise ValueError(f"num_tokens={num_tokens} is outside [0, max_seq_len="
                              f"{self.spec.max_seq_len}]")
+        return num_tokens
 
     def _check_open(self) -> None:
         if self._closed or self._stopping:
@@ -457,6 +491,17 @@ class VirtualKVCache:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+def _as_int(name: str, value: object) -> int:
+    """`value` as a plain int (numpy and 0-d torch integers included), else a TypeError naming
+    `name`. A bool is refused: `ensure(slot, True)` is a bug, not one token."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {value!r}")
 
 
 def _default_budget(driver: Driver, layout: KVLayout) -> int:

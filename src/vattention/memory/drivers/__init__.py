@@ -9,10 +9,10 @@ from .host import HostDriver
 
 
 def make_driver(device: str | torch.device = "cpu", page_size: int | None = None) -> Driver:
-    """HostDriver for "cpu", CudaDriver for "cuda[:N]"."""
+    """HostDriver for "cpu", CudaDriver for "cuda[:N]"; page_size None is the driver's default."""
     dev = torch.device(device)
     if dev.type == "cpu":
-        return HostDriver(page_size) if page_size else HostDriver()
+        return HostDriver(page_size)
     if dev.type == "cuda":
         from .cuda import CudaDriver  # imports cuda.bindings, which CPU-only installs may lack
         return CudaDriver(dev, page_size)

@@ -7,6 +7,7 @@ contiguous mapped range, and wraps an address range as a zero-copy torch tensor.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Protocol
 
 import torch
@@ -40,7 +41,9 @@ class Driver(Protocol):
         """Reserve `nbytes` of virtual address space (page aligned); nothing is mapped."""
 
     def free_reservation(self, addr: int, nbytes: int) -> None:
-        """Give back a reservation; every page in it must be unmapped first."""
+        """Give back a reservation; every page in it must be unmapped first. While a tensor
+        from `tensor()` over it is alive, the range stays reserved (inaccessible) and is freed
+        when the last such tensor is collected: see reservations.py."""
 
     def create(self) -> Any:
         """Create one physical page and return its handle."""
@@ -59,7 +62,8 @@ class Driver(Protocol):
 
     def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype,
                strides: tuple[int, ...]) -> torch.Tensor:
-        """A zero-copy tensor over memory at `addr` (strides in elements)."""
+        """A zero-copy tensor over memory at `addr` (strides in elements), inside one live
+        reservation; the tensor keeps that reservation's address range reserved."""
 
     def fence(self) -> Any:
         """A marker of all work issued so far on the current stream (None where work is synchronous)."""
@@ -72,3 +76,22 @@ class Driver(Protocol):
 
     def close(self) -> None:
         """Release driver-level resources (after every page and reservation is gone)."""
+
+
+def check_page_size(page_size: object, driver: str, granularity: int | None = None,
+                    unit: str = "driver granularity") -> int:
+    """`page_size` as an int, or a TypeError/ValueError saying what a valid one is. With
+    `granularity` None (not known yet) only the type and sign are checked."""
+    try:
+        if isinstance(page_size, bool):
+            raise TypeError
+        page_size = operator.index(page_size)
+    except TypeError:
+        raise TypeError(f"{driver} page_size must be an int number of bytes, got {page_size!r}") from None
+    if granularity is None:
+        if page_size <= 0:
+            raise ValueError(f"{driver} page_size must be a positive number of bytes, got {page_size}")
+    elif page_size <= 0 or page_size % granularity:
+        raise ValueError(f"{driver} page_size must be a positive multiple of the {unit} "
+                         f"({granularity} bytes), got {page_size}")
+    return page_size

@@ -7,7 +7,8 @@
 
 Every CUresult is checked and raised as a DriverError naming the call and address. Torch must
 have created the device's primary context first (we make sure); a background thread makes that
-context current with `bind_thread` before its first call.
+context current with `bind_thread` before its first call. A freed reservation that tensors still
+view stays reserved with nothing mapped (an access is a CUDA error) until they are collected.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .base import DriverError
+from .base import DriverError, check_page_size
+from .reservations import Reservations, ViewKeepAlive
 
 
 def _driver_module():
@@ -29,9 +31,12 @@ def _driver_module():
 
 
 class _CudaArray:
-    """Carries `__cuda_array_interface__` so `torch.as_tensor` wraps memory without a copy."""
+    """Carries `__cuda_array_interface__` so `torch.as_tensor` wraps memory without a copy.
+    The tensor's storage holds this object, and this object the reservation's keep-alive."""
 
-    def __init__(self, addr: int, shape: tuple[int, ...], typestr: str, byte_strides: tuple[int, ...]):
+    def __init__(self, addr: int, shape: tuple[int, ...], typestr: str, byte_strides: tuple[int, ...],
+                 keep_alive: ViewKeepAlive):
+        self.keep_alive = keep_alive
         self.__cuda_array_interface__ = {
             "shape": shape, "typestr": typestr, "data": (addr, False),
             "strides": byte_strides, "version": 3, "stream": None,
@@ -50,6 +55,8 @@ class CudaDriver:
     name = "cuda"
 
     def __init__(self, device: int | str | torch.device = "cuda", page_size: int | None = None):
+        if page_size is not None:  # a wrong type or sign fails before CUDA is touched
+            check_page_size(page_size, "CUDA")
         self._cu = _driver_module()
         dev = torch.device(device)
         self.device_index = dev.index if dev.index is not None else torch.cuda.current_device()
@@ -73,14 +80,12 @@ class CudaDriver:
                                            cu.cuMemGetAllocationGranularity(
                                                prop, cu.CUmemAllocationGranularity_flags
                                                .CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
-        self.page_size = page_size or self.granularity
+        self.page_size = self.granularity if page_size is None else \
+            check_page_size(page_size, "CUDA", self.granularity)
         self._counter_lock = threading.Lock()
         self.num_live_handles = 0  # pages created and not yet released (leak checks)
         self.num_live_mappings = 0  # pages mapped and not yet unmapped
-        self.num_live_reservations = 0
-        if self.page_size % self.granularity:
-            raise ValueError(f"CUDA page_size must be a multiple of the driver granularity "
-                             f"({self.granularity} bytes), got {self.page_size}")
+        self._reservations = Reservations(self._address_free)  # token: reserved bytes
 
     def _check(self, call: str, result: tuple, addr: int | None = None, hint: str = "") -> Any:
         err = result[0]
@@ -93,15 +98,27 @@ class CudaDriver:
             raise DriverError(call, detail, addr, hint)
         return result[1] if len(result) == 2 else result[1:] or None
 
+    @property
+    def num_live_reservations(self) -> int:
+        return len(self._reservations)
+
     def reserve(self, nbytes: int) -> int:
         ptr = self._check("cuMemAddressReserve", self._cu.cuMemAddressReserve(nbytes, self.page_size, 0, 0),
                           hint=f"reserving {nbytes} bytes of address space")
-        self._count("num_live_reservations", 1)
+        self._reservations.add(int(ptr), nbytes, nbytes)
         return int(ptr)
 
     def free_reservation(self, addr: int, nbytes: int) -> None:
-        self._check("cuMemAddressFree", self._cu.cuMemAddressFree(addr, nbytes), addr)
-        self._count("num_live_reservations", -1)
+        self._reservations.free(addr)
+
+    def _address_free(self, addr: int, nbytes: int) -> None:
+        # The last view may die on any thread, bound to any context or none: push ours for the
+        # call and pop it, leaving that thread as it was.
+        self._check("cuCtxPushCurrent", self._cu.cuCtxPushCurrent(self._ctx))
+        try:
+            self._check("cuMemAddressFree", self._cu.cuMemAddressFree(addr, nbytes), addr)
+        finally:
+            self._check("cuCtxPopCurrent", self._cu.cuCtxPopCurrent())
 
     def create(self) -> Any:
         handle = self._check("cuMemCreate", self._cu.cuMemCreate(self.page_size, self._prop, 0))
@@ -126,7 +143,10 @@ class CudaDriver:
     def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype,
                strides: tuple[int, ...]) -> torch.Tensor:
         itemsize = dtype.itemsize
-        carrier = _CudaArray(addr, shape, _TYPESTR[dtype], tuple(s * itemsize for s in strides))
+        span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
+        keep_alive = self._reservations.keep_alive(addr, max(span * itemsize, itemsize))
+        carrier = _CudaArray(addr, shape, _TYPESTR[dtype], tuple(s * itemsize for s in strides),
+                             keep_alive)
         t = torch.as_tensor(carrier, device=self.device)
         # The interface has no bfloat16; the bits are the same width, so reinterpret.
         return t.view(dtype) if t.dtype != dtype else t

@@ -9,6 +9,8 @@
 
 This mirrors the CUDA VMM sequence (reserve, create, map, set-access, unmap, release) so that a
 kernel which reads past what was mapped dies with SIGSEGV here, as it would fault on the GPU.
+A freed reservation that tensors still view stays PROT_NONE until they are collected (see
+`Reservations`), so a stale view faults instead of reading whatever is reserved there next.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import threading
 
 import torch
 
-from .base import DriverError
+from .base import DriverError, check_page_size
+from .reservations import Reservations
 
 _PROT_NONE = 0x0
 _PROT_READ = 0x1
@@ -64,17 +67,15 @@ class HostDriver:
 
     name = "host"
 
-    def __init__(self, page_size: int = DEFAULT_HOST_PAGE_SIZE):
-        if page_size <= 0 or page_size % OS_PAGE_SIZE:
-            raise ValueError(f"host page_size must be a positive multiple of the OS page "
-                             f"({OS_PAGE_SIZE} bytes), got {page_size}")
+    def __init__(self, page_size: int | None = None):
         self.granularity = OS_PAGE_SIZE
-        self.page_size = page_size
+        self.page_size = DEFAULT_HOST_PAGE_SIZE if page_size is None else \
+            check_page_size(page_size, "host", OS_PAGE_SIZE, "OS page")
         self._fd = os.memfd_create("vattention-kv", os.MFD_CLOEXEC)
         self._lock = threading.Lock()  # guards the offset free list and file size
         self._file_pages = 0  # pages the memfd spans; offsets beyond are never handed out
         self._free_offsets: list[int] = []  # released offsets, reused before the file grows
-        self._reservations: dict[int, tuple[int, int]] = {}  # aligned addr -> (raw addr, raw bytes)
+        self._reservations = Reservations(self._munmap_reservation)  # token: (raw addr, raw bytes)
         self.num_live_handles = 0  # pages created and not yet released
         self.num_live_mappings = 0  # pages mapped and not yet unmapped
 
@@ -107,11 +108,14 @@ class HostDriver:
                               hint=f"could not reserve {nbytes} bytes of address space; "
                                    "lower max_seqs or max_seq_len")
         addr = -(-raw // self.page_size) * self.page_size
-        self._reservations[addr] = (raw, raw_bytes)
+        self._reservations.add(addr, nbytes, (raw, raw_bytes))
         return addr
 
     def free_reservation(self, addr: int, nbytes: int) -> None:
-        raw, raw_bytes = self._reservations.pop(addr)
+        self._reservations.free(addr)
+
+    def _munmap_reservation(self, addr: int, token: tuple[int, int]) -> None:
+        raw, raw_bytes = token  # munmap is thread-safe: a collected view may call this anywhere
         if _libc.munmap(raw, raw_bytes) != 0:
             raise DriverError("munmap(reservation)", _errno_detail(), addr)
 
@@ -165,7 +169,11 @@ class HostDriver:
                strides: tuple[int, ...]) -> torch.Tensor:
         itemsize = dtype.itemsize
         span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
-        raw = (ctypes.c_char * max(span * itemsize, itemsize)).from_address(addr)
+        nbytes = max(span * itemsize, itemsize)
+        raw = (ctypes.c_char * nbytes).from_address(addr)
+        # The tensor's storage holds `raw`, and `raw` the keep-alive: while any view of this
+        # tensor lives, a freed reservation stays reserved.
+        raw.keep_alive = self._reservations.keep_alive(addr, nbytes)
         flat = torch.frombuffer(raw, dtype=dtype)  # wraps the address; touches no page
         return flat.as_strided(shape, strides)
 

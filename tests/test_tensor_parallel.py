@@ -1,21 +1,30 @@
 """Tensor parallelism on CPU with gloo, in real processes: TP=2 gives TP=1's greedy tokens on
 random checkpoints (logprobs within 1e-4: only the all-reduce's summation order differs); each
 rank loads exactly its slices; a rank that fails mid-step, a rank whose KV decision differs and a
-rank that is killed all stop the engine with an error that names the rank, never a hang."""
+rank that is killed all stop the engine with an error that names the rank, never a hang; a
+worker's exit is read only once its process is reaped, within a bound."""
 
 from __future__ import annotations
 
 import os
+import queue
+import re
 import signal
+import sys
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vattention import LLM, SamplingParams
-from vattention.distributed import free_port
-from vattention.engine.tp import TensorParallelError
+from vattention.distributed import WorkerProcesses
+from vattention.engine.tp import Coordinator, TensorParallelError
 from vattention.models.loader import build_model, load_safetensors, resolve_arch_config
 from vattention.models.sharding import Shard
 
@@ -24,6 +33,8 @@ from engine_helpers import make_checkpoint
 PROMPTS = [[5, 9, 13], list(range(20, 61)), [7], list(range(100, 117))]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
 HANG_GUARD_S = 120  # a test that takes longer is hanging: fail it instead of waiting forever
+# what rank 0's error says of a worker killed with SIGKILL
+KILLED = f"rank 1 was killed by signal SIGKILL (exit code -{signal.SIGKILL.value})"
 
 
 @pytest.fixture(autouse=True)
@@ -137,9 +148,10 @@ def test_a_size_that_does_not_divide_the_heads_is_refused_before_starting(tmp_pa
 # ---- failures: a torchrun-style launch in which rank 1 is made to fail --------------------------
 
 def _torchrun_rank(rank: int, port: int, path: str, fault: str, results) -> None:
-    """One process of a 2-rank launch (as torchrun would start it); rank 1 gets a fault."""
+    """One process of a 2-rank launch (as torchrun would start it); rank 1 gets a fault. As under
+    torchrun, the rendezvous store is the launcher's (the test's), so no port is guessed."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     from vattention.engine import runner as runner_module
     from vattention.engine import kv_vattention
     if rank == 1 and fault == "forward":
@@ -177,21 +189,29 @@ def test_a_failing_rank_stops_the_engine_with_a_clear_error(tmp_path, fault, mes
     make_checkpoint("llama", tmp_path)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_torchrun_rank, args=(r, port, str(tmp_path), fault, results))
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=HANG_GUARD_S))  # port 0: the OS picks a free one
+    procs = [ctx.Process(target=_torchrun_rank, args=(r, store.port, str(tmp_path), fault, results))
              for r in range(2)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + HANG_GUARD_S - 10
+    reports = {}
+    # the reports before joining: a process that put one exits only once it is flushed to the pipe
+    while len(reports) < 2 and time.monotonic() < deadline:
+        try:
+            rank, kind, text = results.get(timeout=1.0)
+            reports[rank] = (kind, text)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                break
     for p in procs:
-        p.join(HANG_GUARD_S - 10)
+        p.join(max(0.0, deadline - time.monotonic()))
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
-    assert not alive, "a rank hung"
-    reports = {}
-    while not results.empty():
-        rank, kind, text = results.get()
-        reports[rank] = (kind, text)
+    assert not alive, f"a rank hung; reports: {reports}"
+    assert set(reports) == {0, 1}, f"a rank ended without a report: {reports}"
     kind, text = reports[0]
     assert kind == "TensorParallelError", reports
     assert message in text, text
@@ -200,17 +220,64 @@ def test_a_failing_rank_stops_the_engine_with_a_clear_error(tmp_path, fault, mes
 
 def test_a_killed_worker_stops_the_engine_with_a_clear_error(tmp_path):
     """Workers the engine started itself: SIGKILL rank 1 between steps; the next step raises an
-    error naming rank 1 and its exit code, and so does every step after it."""
+    error naming rank 1 and the signal, and so does every step after it."""
     make_checkpoint("llama", tmp_path)
     llm = make_llm(tmp_path, tensor_parallel_size=2)
-    engine = llm.engine
-    for prompt in PROMPTS:
-        engine.add_request(prompt, GREEDY)
-    engine.step()
-    worker = engine.coordinator.workers.procs[1]
-    worker.kill()
-    worker.join()
-    for _ in range(2):
-        with pytest.raises(TensorParallelError, match=f"rank 1 exited with code -{signal.SIGKILL}"):
-            engine.step()
-    llm.close()
+    try:
+        engine = llm.engine
+        for prompt in PROMPTS:
+            engine.add_request(prompt, GREEDY)
+        engine.step()
+        worker = engine.coordinator.workers.procs[1]
+        worker.kill()
+        worker.join()
+        for _ in range(2):
+            with pytest.raises(TensorParallelError, match=re.escape(KILLED)):
+                engine.step()
+    finally:
+        llm.close()
+
+
+# ---- reading a worker's exit: only once its process is reaped, and never waiting unbounded ------
+
+NO_ERRORS = SimpleNamespace(compute=None, errors=lambda wait_s: {})  # a group no rank reported to
+
+
+def test_a_killed_worker_is_named_by_its_signal_even_when_reaped_late():
+    """The window behind "rank 1 exited with code None": another thread (a Process.join) has
+    reaped the killed worker but not yet stored its exit code. Rank 0's error waits for the code
+    and names the signal."""
+    workers = WorkerProcesses(time.sleep, lambda rank: (600,), 2)
+    coordinator = Coordinator(NO_ERRORS, None, workers)
+    worker = workers.procs[1]
+    try:
+        os.kill(worker.pid, signal.SIGKILL)
+        _, status = os.waitpid(worker.pid, 0)  # what Popen.poll does; it stores the code after
+        code = os.waitstatus_to_exitcode(status)
+        threading.Timer(0.5, setattr, (worker._popen, "returncode", code)).start()
+        message = str(coordinator.fail(None))
+    finally:
+        workers.stop(timeout_s=5.0)
+    assert KILLED in message and "None" not in message, message
+
+
+def test_a_worker_that_ends_but_does_not_exit_is_reported_within_the_bound():
+    """A worker whose end is noticed (its sentinel pipe closed) but whose process does not exit,
+    as one stuck in its teardown: the failure callback fires at once, the report says it stopped
+    responding after the bound, and stop() kills it instead of waiting forever."""
+    stuck = "import os, time; os.closerange(3, os.sysconf('SC_OPEN_MAX')); time.sleep(600)"
+    noticed = threading.Event()
+    workers = WorkerProcesses(os.execv, lambda rank: (sys.executable, [sys.executable, "-c", stuck]), 2)
+    workers.on_failure(noticed.set)
+    worker = workers.procs[1]
+    try:
+        assert noticed.wait(60), "the watcher did not report the worker's end"
+        assert [str(e) for e in workers.exits(wait_s=0.5)] == [
+            "rank 1 stopped responding (its process has not exited after 0.5 s)"]
+        assert worker.is_alive()
+    finally:
+        start = time.monotonic()
+        workers.stop(timeout_s=0.5)
+        stop_s = time.monotonic() - start
+    assert worker.exitcode == -signal.SIGKILL.value, worker.exitcode
+    assert stop_s < 10, f"stop() took {stop_s:.1f} s for a worker it had to kill"

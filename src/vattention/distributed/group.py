@@ -94,13 +94,23 @@ def torchrun_env() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def local_store(world_size: int, timeout_s: float, port: int | None = None) -> dist.TCPStore:
+    """The rendezvous store of ranks started on this machine. Rank 0 hosts it (port None) on a
+    port the OS picks, which is then passed to the workers: a free port found first and bound
+    later could be taken in between by any other process."""
+    return dist.TCPStore("127.0.0.1", port or 0, world_size, is_master=port is None,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
 def init_group(rank: int, world_size: int, local_rank: int, backend: str, timeout_s: float,
-               init_method: str = "env://") -> TPGroup:
-    """Join the group (every rank calls this); NCCL_NVLS_ENABLE is left as the machine sets it."""
+               store: dist.Store | None = None) -> TPGroup:
+    """Join the group (every rank calls this) through store, or torchrun's env:// rendezvous when
+    None; NCCL_NVLS_ENABLE is left as the machine sets it."""
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    rendezvous = dict(store=store) if store is not None else dict(init_method="env://")
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s), **rendezvous)
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     store = dist.distributed_c10d._get_default_store()
     return TPGroup(rank, world_size, local_rank, dist.group.WORLD, control, store)

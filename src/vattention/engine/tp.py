@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..distributed import TPGroup, WorkerProcesses, free_port, init_group, torchrun_env
+from ..distributed import TPGroup, WorkerProcesses, init_group, local_store, torchrun_env
 from .kv_manager import KVManager, KVUsage
 from .runner import StepInputs
+
+REAP_WAIT_S = 5.0  # how long rank 0's error waits for a worker that has ended to be reaped
 
 
 class TensorParallelError(RuntimeError):
@@ -115,9 +117,9 @@ class Coordinator:
         """The error rank 0 raises (and keeps raising): which rank failed and why."""
         if self.dead is None:
             errors = self.group.errors(wait_s=5.0)
-            exits = dict(self.workers.failed) if self.workers else {}
+            exits = self.workers.exits(wait_s=REAP_WAIT_S) if self.workers else []
             parts = [f"rank {r}: {msg.strip().splitlines()[-1]}" for r, msg in sorted(errors.items())]
-            parts += [f"rank {r} exited with code {code}" for r, code in sorted(exits.items()) if r not in errors]
+            parts += [str(e) for e in exits if e.rank not in errors]
             if not parts:
                 parts = [f"{type(cause).__name__}: {cause}" if cause else "a rank failed"]
             full = "\n".join(errors.values())
@@ -128,7 +130,7 @@ class Coordinator:
     def _check_alive(self) -> None:
         if self.dead is not None:
             raise self.dead
-        if self.workers is not None and self.workers.failed:
+        if self.workers is not None and self.workers.ended():
             raise self.fail(None)
 
     def _abort_compute(self) -> None:
@@ -138,7 +140,7 @@ class Coordinator:
             torch.distributed.distributed_c10d._abort_process_group(self.group.compute)
 
     def close(self) -> None:
-        if self.dead is None and (self.workers is None or not self.workers.failed):
+        if self.dead is None and (self.workers is None or not self.workers.ended()):
             try:
                 self.group.broadcast(StepPlan(stop=True))
             except Exception:  # noqa: BLE001 - closing anyway
@@ -174,12 +176,13 @@ def run_worker(group: TPGroup, build) -> None:
         group.close()
 
 
-def spawn_entry(config, rank: int, world_size: int, init_method: str) -> None:
-    """Target of a spawned worker process (one machine)."""
+def spawn_entry(config, rank: int, world_size: int, store_port: int) -> None:
+    """Target of a spawned worker process (one machine); rank 0 hosts the store on store_port."""
     from .engine import build_rank
     pc = config.parallel
     _share_cpu_threads(world_size)
-    group = init_group(rank, world_size, rank, pc.distributed_backend, pc.distributed_timeout_s, init_method)
+    store = local_store(world_size, pc.distributed_timeout_s, store_port)
+    group = init_group(rank, world_size, rank, pc.distributed_backend, pc.distributed_timeout_s, store)
     try:
         run_worker(group, lambda g: build_rank(config, g).runner)
     except Exception:
@@ -211,12 +214,12 @@ def start_group(config) -> tuple[TPGroup, WorkerProcesses | None]:
             run_worker(group, lambda g: build_rank(config, g).runner)
             raise SystemExit(0)
         return group, None
-    init_method = f"tcp://127.0.0.1:{free_port()}"
     n = pc.tensor_parallel_size
+    store = local_store(n, pc.distributed_timeout_s)
     _share_cpu_threads(n)
-    workers = WorkerProcesses(spawn_entry, lambda r: (config, r, n, init_method), n)
+    workers = WorkerProcesses(spawn_entry, lambda r: (config, r, n, store.port), n)
     try:
-        group = init_group(0, n, 0, pc.distributed_backend, pc.distributed_timeout_s, init_method)
+        group = init_group(0, n, 0, pc.distributed_backend, pc.distributed_timeout_s, store)
     except Exception:
         workers.stop(timeout_s=1.0)
         raise

@@ -94,4 +94,4 @@ def test_cli_chat_keeps_the_conversation(converted, capsys, monkeypatch):
 def test_cli_reports_bad_input_clearly(converted, capsys, monkeypatch):
     monkeypatch.setenv("VATTENTION_CACHE", str(converted["cache"]))
     assert cli_main(["generate", "hi", "--temperature", "-1", "--device", "cpu"]) == 2
-    assert "temperature must be >= 0" in capsys.readouterr().err
+    assert "temperature must be a finite number >= 0" in capsys.readouterr().err

@@ -176,7 +176,7 @@ def test_bad_input_is_refused_and_others_keep_running(tmp_path):
         engine.add_request([])
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 320\)"):
         engine.add_request([5, 999])
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0)

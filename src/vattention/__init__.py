@@ -12,10 +12,10 @@ from .sampling_params import SamplingParams  # noqa: E402
 
 def __getattr__(name: str):
     # LLM pulls in the model stack; import it on first use so `vattention.memory` stays light.
-    if name in ("LLM", "LLMEngine"):
+    if name in ("LLM", "LLMEngine", "GenerationError"):
         from . import engine
         return getattr(engine, name)
     raise AttributeError(f"module 'vattention' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "GenerationError", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Seeds are 64-bit signed integers, as OpenAI and vLLM take them; sample i of n draws from seed + i,
+# which torch's generators accept up to 2**64 - 1.
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass
@@ -36,11 +41,13 @@ class SamplingParams:
         self.logit_bias = dict(self.logit_bias or {})
         checks = [
             (isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (_finite(self.temperature) and self.temperature >= 0,
+             "temperature must be a finite number >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be >= 0 (or -1 for all)"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty must be a finite number > 0"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
@@ -50,7 +57,8 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
-            (self.seed is None or isinstance(self.seed, int), "seed must be an integer"),
+            (self.seed is None or (isinstance(self.seed, int) and MIN_SEED <= self.seed <= MAX_SEED),
+             f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed}"),
             (all(isinstance(t, int) and t >= 0 for t in self.logit_bias),
              "logit_bias keys must be non-negative token ids"),
             (all(isinstance(b, (int, float)) and -100 <= b <= 100 for b in self.logit_bias.values()),
@@ -63,3 +71,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5  # the sampler treats near-zero temperature as greedy
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

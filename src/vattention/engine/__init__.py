@@ -8,6 +8,6 @@
 """
 
 from .engine import LLMEngine
-from .llm import LLM
+from .llm import LLM, GenerationError
 
-__all__ = ["LLM", "LLMEngine"]
+__all__ = ["LLM", "LLMEngine", "GenerationError"]

@@ -29,7 +29,7 @@ from .graphs import DecodeGraphs, use_graphs
 from .kv_manager import make_kv_manager
 from .output_processor import OutputProcessor, make_request_output
 from .request import Request
-from .runner import ModelRunner
+from .runner import ModelRunner, StepResult
 from .scheduler import Scheduler
 from .tp import Coordinator, RecordingKV, TensorParallelError, start_group
 
@@ -201,11 +201,16 @@ class LLMEngine:
     # ---- the loop ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the current state of every request group that progressed."""
+        """Run one step; returns the current state of every request group that progressed.
+
+        An error that belongs to one request (its KV allocation, its sampling, its output
+        processing) finishes only that request, with finish_reason "error" and the reason in its
+        output's `error`; the others go on. An error of the step as a whole (the forward pass)
+        raises, and the requests stay queued for the caller to abort or retry."""
         sched = self.scheduler.schedule()
         self.last_step_shape = (len(sched.scheduled), sched.num_batched_tokens)
         try:
-            sampled = self.runner.execute(sched) if sched.scheduled else {}
+            result = self.runner.execute(sched) if sched.scheduled else StepResult({}, {})
         except TensorParallelError:
             raise
         except Exception as e:
@@ -213,17 +218,26 @@ class LLMEngine:
                 raise
             raise self.coordinator.fail(e) from e  # a collective broke: say which rank failed and why
         touched: dict[str, list[Request]] = {}
+        for req in sched.failed:
+            self._touch(req, touched)
         for item in sched.scheduled:
             req = item.request
             req.num_computed_tokens += item.num_new_tokens
-            token = sampled.get(req.request_id)
-            if token is None:
+            error = result.failed.get(req.request_id)
+            token = result.sampled.get(req.request_id)
+            if error is None and token is None:
                 continue
-            reason = self.outputs.append(req, token)
-            if reason is not None:
-                self.scheduler.finish(req, reason)
-            group_id = req.request_id.rsplit("#", 1)[0]
-            touched[group_id] = self._groups[group_id]
+            if error is None:
+                try:
+                    reason = self.outputs.append(req, token)
+                except Exception as e:  # noqa: BLE001 - e.g. detokenizing: this request's alone
+                    error = f"processing its output failed: {type(e).__name__}: {e}"
+                else:
+                    if reason is not None:
+                        self.scheduler.finish(req, reason)
+            if error is not None:
+                self.scheduler.fail(req, error)
+            self._touch(req, touched)
         usage = self.kv.usage()
         self.peak_bytes_used = max(self.peak_bytes_used, usage.bytes_used)
         self.peak_bytes_committed = max(self.peak_bytes_committed, usage.bytes_committed)
@@ -232,6 +246,11 @@ class LLMEngine:
             if result.finished:
                 del self._groups[result.request_id]
         return results
+
+    def _touch(self, req: Request, touched: dict[str, list[Request]]) -> None:
+        group_id = req.request_id.rsplit("#", 1)[0]
+        if group_id in self._groups:
+            touched[group_id] = self._groups[group_id]
 
     def memory_summary(self) -> str:
         """One line: peak KV bytes holding tokens vs committed to hold them."""

@@ -8,6 +8,19 @@ from ..sampling_params import SamplingParams
 from .engine import LLMEngine
 
 
+class GenerationError(RuntimeError):
+    """Some prompts of a generate() call failed (each alone: the others finished normally).
+    `outputs` holds every prompt's output in prompt order; a failed one has finish_reason
+    "error" and says why in `error`."""
+
+    def __init__(self, outputs: list[RequestOutput]):
+        failed = [(i, out.error) for i, out in enumerate(outputs) if out.error is not None]
+        lines = "; ".join(f"prompt {i}: {error}" for i, error in failed[:3])
+        more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
+        super().__init__(f"{len(failed)} of {len(outputs)} prompts failed: {lines}{more}")
+        self.outputs = outputs
+
+
 class LLM:
     """model=None runs the built-in SmolLM2-135M-Instruct; other options are EngineConfig fields."""
 
@@ -25,7 +38,10 @@ class LLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in prompt order. Without
-        sampling_params: the model's sampling defaults (generation_config.json), else SamplingParams()."""
+        sampling_params: the model's sampling defaults (generation_config.json), else SamplingParams().
+        A prompt that fails on its own (finish_reason "error") does not stop the others; once they
+        are done, GenerationError is raised with every output. A failed step as a whole raises
+        its error after aborting this call's requests, so the engine stays usable."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or self.engine.default_sampling_params()
@@ -41,11 +57,19 @@ class LLM:
                 self.engine.abort(request_id)
             raise
         done: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-        return [done[i] for i in ids]
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            for request_id in ids:  # a failed step leaves nothing queued behind for later calls
+                self.engine.abort(request_id)
+            raise
+        outs = [done[i] for i in ids]
+        if any(out.error is not None for out in outs):
+            raise GenerationError(outs)
+        return outs
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None) -> list[RequestOutput]:

@@ -63,7 +63,8 @@ def make_request_output(group: list[Request]) -> RequestOutput:
         index=r.sample_index, text=r.text, token_ids=list(r.output_token_ids),
         finish_reason=r.finish_reason, stop_reason=r.stop_reason,
         logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
-        top_logprobs=list(r.top_logprobs) if r.params.logprobs is not None else None)
+        top_logprobs=list(r.top_logprobs) if r.params.logprobs is not None else None,
+        error=r.error)
         for r in group]
     return RequestOutput(request_id=first.request_id.rsplit("#", 1)[0], prompt=first.prompt,
                          prompt_token_ids=first.prompt_token_ids, outputs=outputs,

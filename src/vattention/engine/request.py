@@ -40,7 +40,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0  # times its KV was dropped to be recomputed
     text: str = ""  # detokenized output so far (stop string removed)
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    error: str | None = None  # why it failed, when finish_reason is "error"
     stop_reason: str | int | None = None  # the stop string or token that ended it
     logprobs: list[Logprob] = field(default_factory=list)  # sampled token's, when asked for
     top_logprobs: list[list[Logprob]] = field(default_factory=list)

@@ -28,6 +28,14 @@ class SampledToken:
 
 
 @dataclass
+class StepResult:
+    """What one step produced for its requests."""
+
+    sampled: dict[str, SampledToken]  # request id -> its new token (requests whose chunk completed)
+    failed: dict[str, str]  # request id -> why choosing its token failed (only that request ends)
+
+
+@dataclass
 class StepInputs:
     """One forward pass in plain values: what rank 0 sends every tensor-parallel rank."""
 
@@ -52,25 +60,28 @@ class ModelRunner:
         self.before_forward = before_forward  # tensor parallel: send the step to the other ranks
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode-only steps, when enabled
 
-    def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
-        """Run the step; returns the sampled token of every request whose chunk completed."""
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        """Run the step; returns the sampled token of every request whose chunk completed. A
+        request whose sampling fails is reported in `failed`; the others keep their tokens."""
         inputs = self.step_inputs(sched)
         if self.before_forward is not None:
             self.before_forward(inputs)
         logits = self.forward(inputs)
         if logits is None:
-            return {}
+            return StepResult({}, {})
         reqs = [item.request for item in sched.scheduled if item.samples]
         batch = SamplingBatch(params=[r.params for r in reqs],
                               prompt_token_ids=[r.prompt_token_ids for r in reqs],
                               output_token_ids=[r.output_token_ids for r in reqs],
                               generators=[r.generator for r in reqs])
         with torch.inference_mode():
-            out = self.sampler(logits, batch)
-        return {r.request_id: SampledToken(
-                    out.token_ids[i], out.logprobs[i] if out.logprobs is not None else None,
-                    out.top_logprobs[i] if out.top_logprobs is not None else [])
-                for i, r in enumerate(reqs)}
+            out, errors = self.sampler.sample_isolated(logits, batch)
+        failed = {reqs[i].request_id: f"sampling failed: {type(e).__name__}: {e}" for i, e in errors.items()}
+        sampled = {r.request_id: SampledToken(
+                       out.token_ids[i], out.logprobs[i] if out.logprobs is not None else None,
+                       out.top_logprobs[i] if out.top_logprobs is not None else [])
+                   for i, r in enumerate(reqs) if i not in errors}
+        return StepResult(sampled, failed)
 
     def step_inputs(self, sched: SchedulerOutput) -> StepInputs:
         inputs = StepInputs([], [], [], [], [], [], self._next_lengths(sched))

@@ -24,6 +24,14 @@ from vattention.sampling_params import SamplingParams
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS): argmax is the limit of the softmax as
 # temperature -> 0, and dividing by a tinier one can overflow float32 logits to inf (then NaN).
 GREEDY_TEMPERATURE = 1e-5
+# Every value validation accepts must leave a row a valid distribution. In float32 a repetition
+# penalty of 1e-40 is subnormal (a positive logit divided by it overflows to inf) and 1e40 is inf
+# (a zero logit times it is NaN); beyond these bounds the penalty's effect is already total, so they
+# are clamped into a range where logit / r and logit * r stay finite. Processed logits are then held
+# to +-LOGIT_LIMIT, which even the smallest sampled temperature cannot push past float32's max.
+PENALTY_RANGE = (1e-20, 1e20)
+LOGIT_LIMIT = 1e30
+MAX_TEMPERATURE = 1e30  # float32 has no larger finite value worth dividing by; hotter is uniform anyway
 
 
 @dataclass
@@ -82,6 +90,40 @@ class Sampler:
         logprobs, top_logprobs = _logprobs(raw, token_ids, batch.params)
         return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
 
+    def sample_isolated(self, logits: torch.Tensor, batch: SamplingBatch
+                        ) -> tuple[SamplerOutput, dict[int, Exception]]:
+        """As calling the sampler, but a row whose sampling raises fails alone: the other rows get
+        the tokens a batch without it would give them. Returns the output (a failed row's entries
+        are placeholders: token -1, logprob nan, no top logprobs) and the error of each failed row.
+
+        The batch is tried whole first; only if it raises is each row sampled on its own, after
+        the seeded rows' generators are put back where they were, so that their draws are the
+        ones they would have made had the batch succeeded."""
+        states = [g.get_state() if g is not None else None for g in batch.generators]
+        try:
+            return self(logits, batch), {}
+        except Exception:  # noqa: BLE001 - which row failed is found below, row by row
+            pass
+        for generator, state in zip(batch.generators, states):
+            if generator is not None:
+                generator.set_state(state)
+        wants_logprobs = any(p.logprobs is not None for p in batch.params)
+        out = SamplerOutput([], [] if wants_logprobs else None, [] if wants_logprobs else None)
+        errors: dict[int, Exception] = {}
+        for i in range(batch.num_rows):
+            row = SamplingBatch([batch.params[i]], [batch.prompt_token_ids[i]],
+                                [batch.output_token_ids[i]], [batch.generators[i]])
+            try:
+                one = self(logits[i:i + 1], row)
+            except Exception as e:  # noqa: BLE001 - this row's own error, reported for it alone
+                errors[i] = e
+                one = SamplerOutput([-1], [float("nan")], [[]])
+            out.token_ids += one.token_ids
+            if wants_logprobs:
+                out.logprobs += one.logprobs if one.logprobs is not None else [float("nan")]
+                out.top_logprobs += one.top_logprobs if one.top_logprobs is not None else [[]]
+        return out, errors
+
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """[num_rows, vocab] float32 -> a new tensor with each row's penalties applied.
@@ -108,7 +150,7 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     x = logits[index]  # [rows, vocab]
     x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
     x = x - frequency * output_counts - presence * in_output
-    return logits.index_copy(0, index, x)
+    return logits.index_copy(0, index, x.clamp(-LOGIT_LIMIT, LOGIT_LIMIT))
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -131,7 +173,7 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     values = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params],
                           dtype=torch.float32, device=device)
     temperature, top_p, min_p = (v[:, None] for v in values.unbind(dim=1))  # each [rows, 1]
-    logits = logits / temperature
+    logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT) / temperature.clamp(GREEDY_TEMPERATURE, MAX_TEMPERATURE)
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if any(k < vocab for k in top_k) or any(p.top_p < 1.0 for p in params):
         top_k_t = torch.tensor(top_k, dtype=torch.long, device=device)[:, None]
@@ -162,6 +204,9 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
     # Shifting the cumsum (not subtracting probs from it) keeps the first token at exactly 0.
     mass_before = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))
     not_needed = (mass_before >= top_p) & (top_p < 1.0)  # top_p = 1 keeps all despite rounding
+    # The most likely token is always kept (as vLLM does): a top_p that rounds to 0 in float32
+    # (1e-50) would otherwise mask every token and leave nothing to draw.
+    not_needed[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(not_needed, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 

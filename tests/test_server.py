@@ -111,7 +111,8 @@ def servers(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("servers")
     main = Server(tmp, converted["cache"], "main")
     small = Server(tmp, converted["cache"], "small", "--api-key", API_KEY, "--max-num-seqs", "1",
-                   "--max-queued-requests", "1", "--served-model-name", "small")
+                   "--max-queued-requests", "1", "--served-model-name", "small",
+                   "--request-read-timeout-s", "2", "--max-request-body-bytes", "100000")
     try:
         main.wait_ready()
         small.wait_ready()
@@ -320,7 +321,7 @@ def test_metrics_count_requests_tokens_and_kv_pages(main):
 def test_invalid_parameters_are_400_naming_the_param(main, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
-    assert e.value.param == "temperature" and "temperature must be >= 0" in e.value.message
+    assert e.value.param == "temperature" and "temperature must be a finite number >= 0" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=QUESTION, logprobs=True,
                                        top_logprobs=30)
@@ -415,6 +416,162 @@ def test_overload_is_503(servers):
     wait_for(small.idle, "both aborted")
 
 
+# ---- hostile input --------------------------------------------------------------------------
+
+
+def rss_bytes(server: Server) -> int:
+    with open(f"/proc/{server.proc.pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+def test_a_numerically_dangerous_request_is_served_and_bystanders_finish(main, client):
+    """top_p=1e-50 / repetition_penalty=1e-40 at temperature 1 used to overflow inside the step
+    and fail every stream in flight with a 500; now they sample (top-p keeps the most likely
+    token) and the bystanders' streams end normally with all their tokens."""
+    def bystander(i: int) -> tuple[int, str | None]:
+        chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time",
+                                                max_tokens=24, stream=True, temperature=0,
+                                                extra_body={"ignore_eos": True}))
+        return sum(1 for ch in chunks if ch.choices and ch.choices[0].text), chunks[-1].choices[0].finish_reason
+
+    with ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(bystander, i) for i in range(4)]
+        time.sleep(0.5)
+        for poison in ({"top_p": 1e-50}, {"repetition_penalty": 1e-40}, {"repetition_penalty": 1e40}):
+            r = client.completions.create(model=MODEL, prompt="x", max_tokens=4, temperature=1,
+                                          extra_body={"ignore_eos": True, **poison})
+            assert r.usage.completion_tokens == 4, poison
+        results = [f.result() for f in streams]
+    assert all(reason == "length" for _, reason in results), results
+    wait_for(main.idle, "an idle engine")
+
+
+def test_a_body_over_the_limit_is_413_and_a_prompt_far_over_the_context_is_400_untokenized(main):
+    big = "word " * (4 << 20)  # 20 MiB: over the default 16 MiB body limit
+    r = httpx.post(main.url + "/v1/completions", json={"prompt": big, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # 12 MiB of text: within the body limit, but more characters than 8192 tokens can spell
+    start = time.monotonic()
+    r = httpx.post(main.url + "/tokenize", json={"prompt": big[:12 << 20]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "characters" in r.json()["error"]["message"] and r.json()["error"]["param"] == "prompt"
+    assert time.monotonic() - start < 10  # refused without tokenizing (that would take ~25 s)
+    r = httpx.post(main.url + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": big[:12 << 20]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_health_answers_while_large_prompts_are_tokenized_and_memory_is_given_back(main):
+    """24 prompts of 600K characters (14 MiB) must each be tokenized to learn they do not fit:
+    seconds of work, done on a worker thread, so /health keeps answering at once; afterwards the
+    freed heap goes back to the OS (before: RSS grew by GBs and stayed)."""
+    prompts = [f"{i} " + "word " * 120_000 for i in range(24)]
+    rss_before = rss_bytes(main)
+    latencies = []
+
+    def poll_health(stop: list[bool]) -> None:
+        while not stop[0]:
+            start = time.monotonic()
+            assert httpx.get(main.url + "/health", timeout=10).status_code == 200
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.05)
+
+    stop = [False]
+    with ThreadPoolExecutor(1) as pool:
+        poller = pool.submit(poll_health, stop)
+        start = time.monotonic()
+        r = httpx.post(main.url + "/v1/completions", json={"prompt": prompts, "max_tokens": 1},
+                       timeout=120)
+        busy_s = time.monotonic() - start
+        stop[0] = True
+        poller.result()
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert busy_s > 2, f"the request took {busy_s:.1f} s: too little work to test anything"
+    assert len(latencies) > 5 and max(latencies) < 1.0, f"/health took up to {max(latencies):.2f} s"
+    assert rss_bytes(main) < rss_before * 1.10 + (32 << 20), (rss_before, rss_bytes(main))
+
+
+def test_n_is_bounded_and_counts_against_the_queue_before_admission(main, client, servers):
+    for n in (129, 10000):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt=PROMPT, n=n, max_tokens=1)
+        assert e.value.param == "n", e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # 9 prompts x 128 > --max-queued-requests 1024
+        client.completions.create(model=MODEL, prompt=[PROMPT] * 9, n=128, max_tokens=1)
+    assert e.value.param == "n" and "1152 sequences" in e.value.message
+    small = servers["small"].client(API_KEY)
+    with pytest.raises(openai.BadRequestError) as e:  # two prompts against a queue of one
+        small.completions.create(model="small", prompt=[PROMPT, PROMPT], max_tokens=1)
+    assert e.value.param == "n"
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1).choices  # still served
+    wait_for(main.idle, "an idle engine")
+
+
+def test_bad_values_that_used_to_pass_are_400_naming_the_field(main):
+    cases = [
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        (b'{"prompt": "hi", "temperature": Infinity}', "temperature"),
+        (b'{"prompt": "hi", "temperature": 1e309}', "temperature"),
+        (b'{"prompt": "hi", "repetition_penalty": Infinity}', "repetition_penalty"),
+        ({"prompt": "hi", "seed": 2 ** 64}, "seed"),
+    ]
+    for body, param in cases:
+        path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+        kwargs = {"json": body} if isinstance(body, dict) else {"content": body}
+        r = httpx.post(main.url + path, headers={"content-type": "application/json"}, **kwargs)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    assert "[-2**63, 2**63 - 1]" in r.json()["error"]["message"]
+    r = httpx.post(main.url + "/v1/completions", json={"prompt": "hi", "n": "2", "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2  # coerced, as vLLM does
+
+
+def _raw_request(server: Server, data: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    sock.sendall(data)
+    return sock
+
+
+def test_disconnects_are_one_info_line_not_errors(main):
+    log_start = len(main.log.read_text())
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    for _ in range(3):  # drops in the middle of its body
+        _raw_request(main, head + body[:10]).close()
+    for _ in range(3):  # sends a whole non-streaming request, then leaves
+        sock = _raw_request(main, head + body)
+        time.sleep(0.3)
+        sock.close()
+    wait_for(main.idle, "the abandoned requests to be aborted")
+    time.sleep(0.5)
+    log = main.log.read_text()[log_start:]
+    assert log.count("disconnected before sending all of POST /v1/completions") == 3, log
+    assert "Traceback" not in log and "never retrieved" not in log and " 500" not in log, log
+
+
+def test_a_connection_that_never_finishes_its_request_is_closed(servers):
+    """--request-read-timeout-s 2 on `small`: silent, half-headed and half-bodied connections
+    are all closed by the server."""
+    small = servers["small"]
+    socks = [_raw_request(small, b""),
+             _raw_request(small, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"),
+             _raw_request(small, b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")]
+    start = time.monotonic()
+    for sock in socks:
+        assert sock.recv(4096) in (b"", ), "the server answered instead of closing"  # closed by the peer
+        sock.close()
+    assert time.monotonic() - start < 12
+    assert httpx.get(small.url + "/health").status_code == 200
+    log = small.log.read_text()
+    assert "did not arrive within 2 s" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_small_servers_body_limit_is_its_own(servers):
+    r = httpx.post(servers["small"].url + "/tokenize", json={"prompt": "x" * 200_000})
+    assert r.status_code == 413 and "100000 bytes" in r.json()["error"]["message"]
+
+
 def test_sigterm_lets_in_flight_requests_finish_then_exits_cleanly(servers):
     """Runs last: it stops the `small` server."""
     small = servers["small"]
@@ -486,6 +643,53 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_loop_goes_on(tiny_e
 
     asyncio.run(scenario())
     assert tiny_engine.stats.num_running == 0 and tiny_engine.stats.kv.bytes_used == 0
+
+
+def test_a_request_whose_sampling_fails_fails_alone_in_the_server_loop(tiny_engine):
+    """Only the poisoned request's stream gets the error; the others finish with every token."""
+    from vattention.sampling import Sampler
+
+    class Poisoned(Sampler):
+        def __call__(self, logits, batch):
+            if any(p.max_tokens == 7 for p in batch.params):
+                raise RuntimeError("injected sampling failure")
+            return super().__call__(logits, batch)
+
+    good = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def scenario():
+        tiny_engine.engine.runner.sampler = Poisoned()
+        try:
+            bystanders = [await tiny_engine.add(f"ok{i}", [1, 2, 3 + i], good) for i in range(3)]
+            poison = await tiny_engine.add("bad", [4, 5], SamplingParams(max_tokens=7, ignore_eos=True))
+            with pytest.raises(RequestFailedError, match="injected sampling failure"):
+                await collect(poison)
+            for stream in bystanders:
+                outs = await collect(stream)
+                assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 12
+        finally:
+            tiny_engine.engine.runner.sampler = Sampler()
+
+    asyncio.run(scenario())
+    assert tiny_engine.stats.failure is None and tiny_engine.stats.kv.bytes_used == 0
+
+
+def test_a_batched_request_is_admitted_whole_or_not_at_all(tiny_engine):
+    from vattention.server.async_engine import EngineOverloadedError, Submission
+
+    async def scenario():
+        tiny_engine.max_queued_requests = 3
+        try:
+            subs = [Submission(f"p{i}", [1, 2, 3], SamplingParams(n=2, max_tokens=2)) for i in range(2)]
+            with pytest.raises(EngineOverloadedError, match="this request adds 4"):
+                await tiny_engine.add_all(subs)
+            assert not tiny_engine.engine.has_unfinished()  # no prompt of it was queued
+            streams = await tiny_engine.add_all(subs[:1])
+            assert (await collect(streams[0]))[-1].finished
+        finally:
+            tiny_engine.max_queued_requests = 1024
+
+    asyncio.run(scenario())
 
 
 def test_shutdown_aborts_what_outlives_the_timeout_then_refuses_requests(tiny_engine):

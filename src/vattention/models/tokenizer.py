@@ -11,6 +11,7 @@ Built from a Hugging Face model directory with the `tokenizers` library and jinj
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -70,8 +71,17 @@ class Tokenizer:
         """Number of token ids, added tokens included (the model's embedding may be larger)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """An upper bound on the characters one token stands for: the longest vocabulary entry
+        (byte-level entries spell one character per byte, so their length bounds the decoded
+        text). A text of more than n * this many characters has more than n tokens."""
+        return max(len(piece) for piece in self.backend.get_vocab(with_added_tokens=True))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not), so a large prompt
+        # tokenized on a worker thread leaves the server's event loop running.
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self._prepend_bos:
             ids = [self.bos_token_id, *ids]
         return ids

@@ -1,12 +1,15 @@
 """The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health,
 /metrics, /tokenize and /detokenize.
 
-A generation request is validated and tokenized here (on the event loop), submitted to the
-AsyncEngine, then followed as a Generation (stream.py): chunks go out as server-sent events while
-the engine produces them, or one JSON body at the end. If the client goes away first, the request
-is aborted at once (its KV memory freed): Starlette cancels a streaming response when the
-connection drops; a non-streaming one races its work against the http.disconnect message.
-Errors and the API key check are in errors.py.
+A generation request is validated here, tokenized on a worker thread (so a large prompt never
+stalls the event loop: /health and every stream keep going), submitted to the AsyncEngine with
+all its prompts at once, then followed as a Generation (stream.py): chunks go out as server-sent
+events while the engine produces them, or one JSON body at the end. If the client goes away first,
+the request is aborted at once (its KV memory freed): Starlette cancels a streaming response when
+the connection drops; a non-streaming one races its work against the http.disconnect message.
+Errors and the API key check are in errors.py; body size, read deadlines and memory in limits.py.
+A text far longer than the context could ever hold (more characters than context x the longest
+token) is refused before it is tokenized.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..sampling_params import SamplingParams
 from .async_engine import (AsyncEngine, EngineOverloadedError, EngineStoppedError,
-                           RequestFailedError)
+                           RequestFailedError, Submission)
 from .errors import add_error_handlers, bearer_check, parse_body
+from .limits import BodyLimitMiddleware
 from .metrics import ServerMetrics
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatCompletionChunk,
                        ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatStreamChoice,
@@ -34,13 +38,15 @@ from .protocol import (APIError, AssistantMessage, ChatChoice, ChatCompletionChu
                        DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                        TokenizeRequest, TokenizeResponse, chat_logprobs, completion_logprobs,
                        usage_of)
-from .stream import ChoiceDelta, DeltaTracker, Generation, sse_events, unless_disconnected
+from .stream import ChoiceDelta, DeltaTracker, Generation, finals, sse_events, unless_disconnected
 
 MAX_BATCHED_PROMPTS = 256  # prompts in one completions request (each is its own engine request)
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20  # ~8 MB of prompt text at most fits any context we serve
 
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-              shutdown_timeout_s: float = 30.0) -> FastAPI:
+              shutdown_timeout_s: float = 30.0,
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
     """The app around a started AsyncEngine; the app's shutdown shuts the engine down."""
     server = OpenAIServer(async_engine, served_model_name)
 
@@ -50,6 +56,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         await asyncio.to_thread(async_engine.shutdown, shutdown_timeout_s)
 
     app = FastAPI(title="vattention", lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_body_bytes)
     add_error_handlers(app)
     auth = [Depends(bearer_check(api_key))] if api_key else []
 
@@ -97,18 +104,21 @@ class OpenAIServer:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
         if body.messages is not None:
-            ids = self._chat_prompt(body.messages, body.add_generation_prompt)
+            ids = await self._chat_prompt(body.messages, body.add_generation_prompt)
         else:
-            ids = self._need_tokenizer().encode(body.prompt,
-                                                add_special_tokens=body.add_special_tokens)
+            tokenizer = self._need_tokenizer()
+            self._check_text_length(len(body.prompt), "prompt")
+            ids = await asyncio.to_thread(tokenizer.encode, body.prompt,
+                                          add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)
 
     async def detokenize(self, request: HTTPRequest) -> DetokenizeResponse:
         body = await parse_body(request, DetokenizeRequest)
         self._check_model(body.model)
         self._check_token_ids(body.tokens, "tokens")
-        return DetokenizeResponse(prompt=self._need_tokenizer().decode(body.tokens,
-                                                                       skip_special_tokens=False))
+        text = await asyncio.to_thread(self._need_tokenizer().decode, body.tokens,
+                                       skip_special_tokens=False)
+        return DetokenizeResponse(prompt=text)
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -117,7 +127,7 @@ class OpenAIServer:
         prompt p's choices are indexed p * n + 0 .. p * n + n - 1, and usage sums the prompts."""
         body = await parse_body(request, CompletionRequest)
         self._check_model(body.model)
-        prompts = self._completion_prompts(body.prompt)
+        prompts = await self._completion_prompts(body.prompt)
         submissions = []  # (prompt ids, sampling params, echoed text) per prompt, all checked first
         for prompt_ids, prompt_text in prompts:
             max_tokens = self._max_tokens(body.max_tokens, len(prompt_ids), "prompt")
@@ -128,14 +138,7 @@ class OpenAIServer:
             if body.echo:
                 echo = prompt_text or self._need_tokenizer().decode(prompt_ids)
             submissions.append((prompt_ids, params, echo))
-        gens: list[Generation] = []
-        try:
-            for prompt_ids, params, _ in submissions:
-                gens.append(await self._submit("cmpl", prompt_ids, params))
-        except APIError:
-            for gen in gens:  # nothing half-submitted keeps running
-                gen.close()
-            raise
+        gens = await self._submit("cmpl", [(ids, params) for ids, params, _ in submissions])
         first, n = gens[0], submissions[0][1].n
 
         def chunk(d: ChoiceDelta, p: int) -> CompletionResponse:
@@ -152,7 +155,7 @@ class OpenAIServer:
                                              model=self.model_name, choices=[])
             trackers = [DeltaTracker(params, echo) for _, params, echo in submissions]
             return _sse(sse_events(gens, trackers, chunk, usage_chunk, body.include_usage))
-        outs = await unless_disconnected(request, asyncio.gather(*(gen.final() for gen in gens)))
+        outs = await unless_disconnected(request, finals(gens))
         if outs is None:
             return Response(status_code=499)  # nobody is listening
         choices = []
@@ -171,12 +174,12 @@ class OpenAIServer:
     async def chat(self, request: HTTPRequest) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
         self._check_model(body.model)
-        prompt_ids = self._chat_prompt(body.messages, add_generation_prompt=True)
+        prompt_ids = await self._chat_prompt(body.messages, add_generation_prompt=True)
         max_tokens = self._max_tokens(body.requested_max_tokens, len(prompt_ids), "messages")
         params = body.to_sampling_params(max_tokens, self.sampling_defaults)
         self._check_token_ids(list(params.logit_bias), "logit_bias")
         self._check_context(len(prompt_ids), max_tokens, "messages")
-        gen = await self._submit("chatcmpl", prompt_ids, params)
+        [gen] = await self._submit("chatcmpl", [(prompt_ids, params)])
 
         def chunk(d: ChoiceDelta) -> ChatCompletionChunk:
             logprobs = None if d.logprobs is None else chat_logprobs(d.logprobs, d.top_logprobs)
@@ -220,36 +223,54 @@ class OpenAIServer:
             raise APIError(400, f"token id {bad} is out of range [0, {self.vocab_size})",
                            param=param)
 
-    def _completion_prompts(self, prompt) -> list[tuple[list[int], str | None]]:
+    async def _completion_prompts(self, prompt) -> list[tuple[list[int], str | None]]:
         """(token ids, text if given as text) of each prompt: a str, a list[int], or a batch of
-        either (a list of str or of list[int])."""
+        either (a list of str or of list[int]). Text is tokenized on a worker thread."""
         batch = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
         if len(batch) > MAX_BATCHED_PROMPTS:
             raise APIError(400, f"{len(batch)} prompts in one request; at most {MAX_BATCHED_PROMPTS}",
                            param="prompt")
-        return [self._completion_prompt(p) for p in batch]
+        texts = [p for p in batch if isinstance(p, str)]
+        if texts:
+            tokenizer = self._need_tokenizer()
+            for text in texts:
+                self._check_text_length(len(text), "prompt")
+            encoded = iter(await asyncio.to_thread(lambda: [tokenizer.encode(t) for t in texts]))
+        prompts = []
+        for p in batch:
+            ids, text = (next(encoded), p) if isinstance(p, str) else (list(p), None)
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            self._check_token_ids(ids, "prompt")
+            prompts.append((ids, text))
+        return prompts
 
-    def _completion_prompt(self, prompt) -> tuple[list[int], str | None]:
-        """(token ids, text if given as text) of a str or list[int] prompt."""
-        if isinstance(prompt, str):
-            ids, text = self._need_tokenizer().encode(prompt), prompt
-        else:
-            ids, text = list(prompt), None
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        self._check_token_ids(ids, "prompt")
-        return ids, text
-
-    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
         tokenizer = self._need_tokenizer()
+        conversation = [m.for_template() for m in messages]
+        self._check_text_length(sum(len(m.get("content") or "") for m in conversation), "messages")
+
+        def render_and_encode() -> list[int]:
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+            # The template already holds the BOS text; encode without adding special tokens again.
+            return tokenizer.encode(text, add_special_tokens=False)
+
         try:
-            text = tokenizer.apply_chat_template([m.for_template() for m in messages],
-                                                 add_generation_prompt=add_generation_prompt)
+            return await asyncio.to_thread(render_and_encode)
         except (ValueError, jinja2.TemplateError) as e:
             raise APIError(400, f"the chat template could not render the messages: {e}",
                            param="messages") from None
-        # The template already holds the BOS text; encode without adding special tokens again.
-        return tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_text_length(self, num_chars: int, noun: str) -> None:
+        """Refuse, before tokenizing it, a text that cannot fit: no token stands for more than
+        max_chars_per_token characters, so it has more tokens than the context holds."""
+        most_chars = self.context_limit * self.tokenizer.max_chars_per_token
+        if num_chars > most_chars:
+            raise APIError(400, f"This model's maximum context length is {self.context_limit} "
+                                f"tokens. However, your {noun} has {num_chars} characters, more "
+                                f"than {self.context_limit} tokens can spell ({most_chars}). "
+                                f"Please reduce the length of the {noun}.",
+                           param=noun, code="context_length_exceeded")
 
     def _max_tokens(self, requested: int | None, prompt_len: int, noun: str) -> int:
         """The completion budget: as asked, else all the context the prompt leaves."""
@@ -269,12 +290,19 @@ class OpenAIServer:
                                 f"Please reduce the length of the {noun} or completion.",
                            param=noun, code="context_length_exceeded")
 
-    async def _submit(self, kind: str, prompt_ids: list[int],
-                      params: SamplingParams) -> Generation:
-        request_id = f"{kind}-{uuid.uuid4().hex}"
+    async def _submit(self, kind: str, prompts: list[tuple[list[int], SamplingParams]]
+                      ) -> list[Generation]:
+        """Submit a request's prompts together (all admitted or none); one Generation each."""
+        needed = sum(params.n for _, params in prompts)
+        limit = self.async_engine.max_queued_requests
+        if needed > limit:
+            raise APIError(400, f"this request needs {needed} sequences (n x prompts); this "
+                                f"server queues at most {limit} (--max-queued-requests)",
+                           param="n")
+        submissions = [Submission(f"{kind}-{uuid.uuid4().hex}", ids, params) for ids, params in prompts]
         arrival = time.monotonic()
         try:
-            stream = await self.async_engine.add(request_id, prompt_ids, params)
+            streams = await self.async_engine.add_all(submissions)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except EngineOverloadedError as e:
@@ -283,7 +311,8 @@ class OpenAIServer:
             raise APIError(503, str(e), type="server_error", code="unavailable") from None
         except RequestFailedError as e:
             raise APIError(500, str(e), type="server_error") from None
-        return Generation(stream, len(prompt_ids), self.async_engine, self.metrics, arrival)
+        return [Generation(stream, len(ids), self.async_engine, self.metrics, arrival)
+                for stream, (ids, _) in zip(streams, prompts)]
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:

@@ -82,11 +82,18 @@ class RequestStream:
 
 
 @dataclass
-class _Add:
+class Submission:
+    """One prompt of a request, as the engine takes it."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    stream: RequestStream
+
+
+@dataclass
+class _Add:
+    submissions: list[Submission]  # admitted together or not at all (a batched request's prompts)
+    streams: list[RequestStream]  # one per submission
     accepted: asyncio.Future  # on the caller's loop: result None, or the reason it was refused
 
 
@@ -136,19 +143,25 @@ class AsyncEngine:
                   params: SamplingParams) -> RequestStream:
         """Queue a request; returns its stream once the engine took it. Raises ValueError (bad
         input), EngineOverloadedError or EngineStoppedError when it did not."""
+        return (await self.add_all([Submission(request_id, prompt_token_ids, params)]))[0]
+
+    async def add_all(self, submissions: list[Submission]) -> list[RequestStream]:
+        """Queue several prompts as one request: all are admitted, or none (their n x prompts
+        sequences count against max_queued_requests together)."""
         loop = asyncio.get_running_loop()
-        stream = RequestStream(request_id, loop)
+        streams = [RequestStream(s.request_id, loop) for s in submissions]
         accepted = loop.create_future()
         with self._accept_lock:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")
-            self._commands.put(_Add(request_id, prompt_token_ids, params, stream, accepted))
+            self._commands.put(_Add(submissions, streams, accepted))
         try:
             await accepted
         except asyncio.CancelledError:
-            self.abort(request_id)  # the add may still land; this abort is queued right behind it
+            for s in submissions:  # the add may still land; these aborts are queued right behind it
+                self.abort(s.request_id)
             raise
-        return stream
+        return streams
 
     def abort(self, request_id: str) -> None:
         """Stop the request and free its KV memory (at the engine thread's next command drain)."""
@@ -205,21 +218,35 @@ class AsyncEngine:
                 engine.abort(command.request_id)
         elif self.stats.failure is not None:
             _resolve(command, EngineStoppedError(f"the engine failed: {self.stats.failure}"))
-        elif len(engine.scheduler.waiting) >= self.max_queued_requests:
-            _resolve(command, EngineOverloadedError(
-                f"the server is overloaded: {len(engine.scheduler.waiting)} sequences are waiting "
-                f"(--max-queued-requests {self.max_queued_requests}); retry later"))
         else:
-            try:
-                engine.add_request(command.prompt_token_ids, command.params, command.request_id)
-            except ValueError as e:
+            self._admit(command)
+
+    def _admit(self, command: _Add) -> None:
+        engine = self.engine
+        waiting = len(engine.scheduler.waiting)
+        needed = sum(s.params.n for s in command.submissions)
+        if waiting + needed > self.max_queued_requests:
+            _resolve(command, EngineOverloadedError(
+                f"the server is overloaded: {waiting} sequences are waiting and this request "
+                f"adds {needed} (--max-queued-requests {self.max_queued_requests}); retry later"))
+            return
+        added = []
+        try:
+            for s in command.submissions:
+                engine.add_request(s.prompt_token_ids, s.params, s.request_id)
+                added.append(s.request_id)
+        except Exception as e:
+            for request_id in added:  # nothing half-admitted keeps running
+                engine.abort(request_id)
+            if isinstance(e, ValueError):
                 _resolve(command, e)
-            except Exception as e:
-                log.exception("add_request failed for %s", command.request_id)
-                _resolve(command, RequestFailedError(f"the engine could not add the request: {e}"))
             else:
-                self._streams[command.request_id] = command.stream
-                _resolve(command, None)
+                log.exception("add_request failed for %s", command.submissions[len(added)].request_id)
+                _resolve(command, RequestFailedError(f"the engine could not add the request: {e}"))
+            return
+        for s, stream in zip(command.submissions, command.streams):
+            self._streams[s.request_id] = stream
+        _resolve(command, None)
 
     def _step(self) -> None:
         try:
@@ -233,10 +260,17 @@ class AsyncEngine:
         self._publish()  # stats first: a client that sees its request finish sees it gone from them
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put(out)
-                if out.finished:
-                    del self._streams[out.request_id]
+            if stream is None:
+                continue
+            if out.error is not None:  # one of its samples failed alone: the request fails, no other
+                log.warning("request %s failed: %s", out.request_id, out.error)
+                stream.put(RequestFailedError(f"the request failed: {out.error}"))
+                del self._streams[out.request_id]
+                self.engine.abort(out.request_id)  # its other samples, if any still run
+                continue
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, stream in self._streams.items():

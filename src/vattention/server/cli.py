@@ -31,6 +31,10 @@ class ServerConfig:
     max_queued_requests: int = 1024  # sequences waiting for admission beyond which requests get HTTP 503
     shutdown_timeout_s: float = 30.0  # on SIGTERM, seconds in-flight requests get to finish before they are aborted
     log_level: str = "info"  # uvicorn's: critical, error, warning, info, debug, trace
+    max_request_body_bytes: int = 16 << 20  # a larger body is refused with 413 before it is read
+    request_read_timeout_s: float = 30.0  # a connection must deliver its request (headers and body) within this from its first byte, or it is closed
+    timeout_keep_alive_s: float = 5.0  # uvicorn's: an idle kept-alive connection is closed after this
+    limit_concurrency: int | None = None  # uvicorn's: connections + tasks at once beyond which new ones get 503; None = unlimited
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -39,6 +43,13 @@ class ServerConfig:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.shutdown_timeout_s < 0:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
+        if self.max_request_body_bytes < 1:
+            raise ValueError(f"max_request_body_bytes must be >= 1, got {self.max_request_body_bytes}")
+        for name in ("request_read_timeout_s", "timeout_keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise ValueError(f"limit_concurrency must be >= 1 (or unset), got {self.limit_concurrency}")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +84,7 @@ def run_serve(ns: argparse.Namespace) -> int:
 
     from .app import build_app
     from .async_engine import AsyncEngine
+    from .limits import make_protocol
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -83,14 +95,17 @@ def run_serve(ns: argparse.Namespace) -> int:
         print(f"vattention serve: error: {e}", file=sys.stderr)
         return 2
     app = build_app(async_engine, server.served_model_name, server.api_key,
-                    server.shutdown_timeout_s)
+                    server.shutdown_timeout_s, server.max_request_body_bytes)
     engine = async_engine.engine
     logging.getLogger("vattention.server").info(
         "serving %s (%s on %s, context %d tokens, KV cache %s) at http://%s:%d/v1",
         server.served_model_name, engine.model_path, engine.device, engine.max_model_len,
         engine.config.cache.kv_cache, server.host, server.port)
     uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level,
-                timeout_graceful_shutdown=server.shutdown_timeout_s)
+                timeout_graceful_shutdown=server.shutdown_timeout_s,
+                http=make_protocol(server.request_read_timeout_s),
+                timeout_keep_alive=server.timeout_keep_alive_s,
+                limit_concurrency=server.limit_concurrency)
     return 0
 
 

@@ -5,6 +5,7 @@ an unexpected error goes to the server log only.
     APIError (protocol.py)             -> its status
     malformed JSON, invalid fields     -> 400, param = the first offending field
     unknown route / method             -> 404 / 405
+    the client left while sending      -> one info line in the log, no response (499)
     anything else                      -> 500
 """
 
@@ -17,9 +18,10 @@ from typing import TypeVar
 from fastapi import FastAPI, Header
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .protocol import APIError, ErrorResponse
 
@@ -59,6 +61,13 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(e.status_code, str(e.detail), type=kind))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: HTTPRequest, e: ClientDisconnect) -> Response:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s disconnected before sending all of %s %s", client, request.method,
+                 request.url.path)
+        return Response(status_code=499)  # nobody reads it; the access log shows what happened
 
     @app.exception_handler(Exception)
     async def unexpected(request: HTTPRequest, e: Exception) -> JSONResponse:

@@ -52,6 +52,8 @@ class StreamOptions(_Strict):
     include_usage: bool = False  # one more chunk at the end: no choices, the usage
 
 
+MAX_N = 128  # choices per request, as OpenAI allows
+
 _PARAM_OF_FIELD = re.compile(r"^invalid SamplingParams: (\w+)")
 
 
@@ -59,7 +61,7 @@ class _SamplingRequest(_Strict):
     """Fields both endpoints share. None means "the default", as some clients send nulls."""
 
     model: str | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # vLLM extension; 0 or -1 = all tokens
@@ -140,7 +142,7 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # chat templates may read more keys (name, ...)
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # OpenAI's roles
     content: str | list[ContentPart] | None = None
 
     def for_template(self) -> dict:

@@ -206,8 +206,23 @@ def _event(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
 
+async def finals(gens: list[Generation]) -> list[RequestOutput]:
+    """The last output of each generation; if one fails, the others are closed (aborted) at
+    once rather than left running for nobody, and its error is raised."""
+    tasks = [asyncio.ensure_future(gen.final()) for gen in gens]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for gen, task in zip(gens, tasks):
+            if not task.done():
+                task.cancel()
+            gen.close()
+        await asyncio.gather(*tasks, return_exceptions=True)  # retrieved: nothing logs "never retrieved"
+
+
 async def unless_disconnected(request: HTTPRequest, work: Awaitable[T]) -> T | None:
-    """The result of `work`, or None if the client disconnects first (then `work` is cancelled)."""
+    """The result of `work`, or None if the client disconnects first (then `work` is cancelled
+    and awaited, so its outcome is retrieved and nothing is logged about it)."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -220,4 +235,5 @@ async def unless_disconnected(request: HTTPRequest, work: Awaitable[T]) -> T | N
         watcher.cancel()
         if not task.done():
             task.cancel()
-    return task.result() if task.done() and not task.cancelled() else None
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    return task.result() if not task.cancelled() else None

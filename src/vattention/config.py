@@ -60,7 +60,7 @@ class CacheConfig:
     page_size: int | None = None  # bytes per page; None = driver granularity (2 MiB)
     eager_cushion_groups: int = 1  # page groups mapped ahead of each sequence in the background
     block_size: int = 16  # paged: tokens per block
-    attention_backend: str = "auto"  # auto (CUDA: flash, or triton when paged; CPU: sdpa), flash, triton, flex (paged), sdpa, reference
+    attention_backend: str = "auto"  # auto (CUDA: triton, our split-KV decode with FA2 prefill; CPU: sdpa), flash, triton, flex (paged), sdpa, reference
 
     def __post_init__(self):
         if self.kv_cache not in KV_CACHE_MODES:

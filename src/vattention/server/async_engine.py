@@ -22,6 +22,7 @@ from ..engine import LLMEngine
 from ..engine.kv_manager import KVUsage
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from .limits import release_freed_memory
 
 log = logging.getLogger("vattention.server")
 
@@ -190,10 +191,17 @@ class AsyncEngine:
         self._loaded.set()
         engine = self._engine
         self._publish()
+        worked = False  # since the engine was last idle
         while True:
             idle = not engine.has_unfinished() or self.stats.failure is not None
             if self._deadline is not None and (idle or time.monotonic() > self._deadline):
                 break
+            if idle and worked:
+                # Steps free many buffers of batch-dependent sizes; glibc keeps that heap, so
+                # RSS would creep up to the largest batch's. Give it back whenever work drains.
+                release_freed_memory()
+                worked = False
+            worked = worked or engine.has_unfinished()
             for command in self._next_commands(block=idle):
                 self._apply(command)
             if engine.has_unfinished() and self.stats.failure is None:

@@ -48,14 +48,17 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_error(send, BodyTooLargeError(self.max_bytes))
+            await _send_error(send, BodyTooLargeError(self.max_bytes))
+            return await _drain(receive, int(length))
         received = 0
+        body_done = False
 
         async def counted_receive():
-            nonlocal received
+            nonlocal received, body_done
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLargeError(self.max_bytes)  # answered by the app's APIError handler
             return message
@@ -63,8 +66,27 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, counted_receive, send)
         finally:
+            if received > self.max_bytes and not body_done:
+                await _drain(receive, DRAIN_LIMIT_BYTES)
             if received > LARGE_BODY_BYTES:
                 await asyncio.to_thread(release_freed_memory)
+
+
+DRAIN_LIMIT_BYTES = 256 << 20  # refused bytes read and dropped at most, so the answer is not lost
+
+
+async def _drain(receive, most_bytes: int) -> None:
+    """Read and drop the rest of a refused body (up to most_bytes). Closing a connection whose
+    peer is still sending makes the kernel answer with a reset, which can destroy the 413 before
+    the client reads it; reading the rest first (a "lingering close") lets the answer arrive."""
+    seen = 0
+    while seen <= min(most_bytes, DRAIN_LIMIT_BYTES):
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _send_error(send, error: APIError) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,30 @@ def test_throughput_reads_the_committed_sharegpt_subset(tmp_path, one_thread):
     want = datasets.sharegpt_lengths(3, 200, SUBSET)
     assert res["prompt_tokens"] == sum(p for p, _ in want) and res["output_tokens"] == 3 * 6
     assert [r["same_outputs"] for r in res["runs"]] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.skipif(throughput._transformers_unavailable() is not None,
+                    reason=f"no HF continuous batching: {throughput._transformers_unavailable()}")
+def test_throughput_peer_transformers_generates_every_requested_token(tmp_path, one_thread):
+    """--peer transformers runs HF continuous batching on the same trace: every request gets
+    exactly its output length (eos off), and each design's tok/s is given as a ratio to it."""
+    res = _run_throughput(tmp_path, "--dataset", "long", "--long-min", "20", "--long-max", "60",
+                          "--num-prompts", "4", "--output-len", "7", "--kv-caches", "vattention",
+                          "--kv-cache-memory-gib", "0.01", "--peer", "transformers")
+    peer = res["peer"]
+    assert peer["output_tokens"] == res["output_tokens"] == 4 * 7, peer
+    assert peer["output_lens_match"] and peer["failed_requests"] == 0
+    (ours,) = res["runs"]
+    assert ours["output_tokens_per_s_vs_peer"] == pytest.approx(
+        ours["output_tokens_per_s"] / peer["output_tokens_per_s"])
+
+
+def test_throughput_peer_without_transformers_is_reported_unavailable(tmp_path, one_thread, monkeypatch):
+    """Without a usable transformers the peer is recorded as unavailable with the reason; our
+    designs still run and report."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError
+    res = _run_throughput(tmp_path, "--dataset", "long", "--long-min", "20", "--long-max", "40",
+                          "--num-prompts", "2", "--output-len", "3", "--kv-caches", "vattention",
+                          "--kv-cache-memory-gib", "0.01", "--peer", "transformers")
+    assert "not importable" in res["peer"]["unavailable"]
+    assert "output_tokens_per_s_vs_peer" not in res["runs"][0]

@@ -1,8 +1,10 @@
 """What every benchmark shares: timing one call, latency statistics, tables on stdout, the name of
-the machine measured, and the JSON file the results go to."""
+the machine measured, its copy bandwidth, freeing device memory between runs, and the JSON file
+the results go to."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -57,6 +59,35 @@ def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+
+
+def copy_bandwidth(device: torch.device, num_bytes: int, repeats: int = 10) -> float:
+    """Bytes read + written per second by one copy of `num_bytes` within `device`: the median of
+    `repeats` copies after an untimed one (CUDA events on a GPU, perf_counter around a host memcpy)."""
+    src = torch.ones(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # pages touched, the copy path warm
+    seconds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            seconds.append(time.perf_counter() - t0)
+    return 2 * num_bytes / statistics.median(seconds)
+
+
+def free_device_memory() -> None:
+    """Give the last run's tensors back, so the next one measures (and gets) the free memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def write_json(path: Path, results: dict[str, Any]) -> None:

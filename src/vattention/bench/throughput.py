@@ -23,12 +23,19 @@ split a near-tie). Reported per design: requests/s, output and total tokens/s, m
 steps that carry prefill vs decode-only steps, peak KV used/committed, preemptions, and ratios to
 the first design. --plot-from JSON redraws the table and PNG of an earlier run (e.g. one from a
 machine without matplotlib).
+
+--peer transformers then runs Hugging Face transformers' continuous batching (the manager behind
+`generate_batch`) on the same requests (prompt ids and output lengths), device and dtype: greedy,
+eos_token_id -1 so every output token is generated, at most --max-num-seqs requests and
+--max-num-batched-tokens tokens a step. Dummy weights: a LlamaConfig of the engine's shapes with
+random weights; a checkpoint directory: AutoModelForCausalLM.from_pretrained. Its warm-up (CUDA
+graphs) is timed apart, as ours is left out; each design gets `output_tokens_per_s_vs_peer`. A
+transformers without continuous batching is reported as unavailable, with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import time
@@ -42,7 +49,7 @@ from ..cli_args import add_dataclass_args, dataclass_values
 from ..config import ENGINE_CONFIGS
 from ..sampling_params import SamplingParams
 from .datasets import SampledRequest, long_context_requests, sharegpt_requests
-from .report import device_name, print_table, write_json
+from .report import device_name, free_device_memory, print_table, write_json
 
 GIB = 1 << 30
 PER_DESIGN = ("kv_cache", "layout", "block_size")  # set per design, not from the engine flags
@@ -73,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="JSON path (default: benchmarks/results/throughput_<dataset>_<model>.json); "
                         "the PNG goes beside it")
     p.add_argument("--plot-from", default=None, help="redraw the table and PNG of this JSON, run nothing")
+    p.add_argument("--peer", choices=["transformers"], default=None,
+                   help="also run this engine on the same trace (transformers: HF continuous batching)")
     for cls in ENGINE_CONFIGS:
         add_dataclass_args(p, cls, skip=PER_DESIGN)
     return p.parse_args(argv)
@@ -160,15 +169,8 @@ def run_design(design: dict, ns: argparse.Namespace, trace: list[SampledRequest]
     finally:
         llm.close()
         del llm, engine
-        _free_device_memory()
+        free_device_memory()
     return metrics, trace, tokens
-
-
-def _free_device_memory() -> None:
-    """Give the last design's tensors back before the next design measures free memory."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _warm_up(engine) -> None:
@@ -207,7 +209,7 @@ def run(ns: argparse.Namespace) -> dict:
             metrics, trace, tokens = run_design(design, ns, trace)
         except Exception as e:  # noqa: BLE001 - reported in the results, not swallowed
             traceback.print_exc()
-            _free_device_memory()
+            free_device_memory()
             runs.append({"design": label(design), **design, "error": f"{type(e).__name__}: {e}"})
             continue
         first_tokens = first_tokens or tokens
@@ -219,6 +221,10 @@ def run(ns: argparse.Namespace) -> dict:
     for m in ok:
         for key in ("requests_per_s", "output_tokens_per_s"):
             m[f"{key}_vs_first"] = m[key] / ok[0][key]
+    peer = run_peer(ns, trace) if ns.peer else None
+    if peer is not None and "output_tokens_per_s" in peer:
+        for m in ok:
+            m["output_tokens_per_s_vs_peer"] = m["output_tokens_per_s"] / peer["output_tokens_per_s"]
     return {"device": ok[0]["device"], "torch": torch.__version__, "model": str(ns.model),
             "load_format": ns.load_format, "dataset": ns.dataset, "dataset_path": ns.dataset_path,
             "num_prompts": len(trace), "prompt_tokens": sum(r.prompt_len for r in trace),
@@ -227,7 +233,106 @@ def run(ns: argparse.Namespace) -> dict:
             "engine": {k: getattr(ns, k) for k in ("max_model_len", "kv_cache_memory_gib", "page_size",
                                                    "max_num_seqs", "max_num_batched_tokens", "dtype",
                                                    "attention_backend", "tensor_parallel_size")},
-            "runs": runs}
+            "runs": runs, **({"peer": peer} if peer is not None else {})}
+
+
+def run_peer(ns: argparse.Namespace, trace: list[SampledRequest]) -> dict:
+    """The peer on the trace: its throughput, or why it did not run (never raises)."""
+    reason = _transformers_unavailable()
+    if reason is not None:
+        print(f"peer transformers unavailable: {reason}")
+        return {"design": "transformers", "unavailable": reason}
+    import transformers
+    try:
+        return {"design": "transformers", "transformers": transformers.__version__, **_run_transformers(ns, trace)}
+    except Exception as e:  # noqa: BLE001 - reported in the results, not swallowed
+        traceback.print_exc()
+        return {"design": "transformers", "transformers": transformers.__version__,
+                "error": f"{type(e).__name__}: {e}"}
+    finally:
+        free_device_memory()
+
+
+def _transformers_unavailable() -> str | None:
+    try:
+        import transformers
+        from transformers import GenerationMixin
+    except ImportError as e:
+        return f"transformers is not importable ({e})"
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: F401
+    except ImportError:
+        return f"transformers {transformers.__version__} has no ContinuousBatchingConfig (5.x has)"
+    missing = [m for m in ("generate_batch", "continuous_batching_context_manager")
+               if not hasattr(GenerationMixin, m)]
+    if missing:
+        return f"transformers {transformers.__version__} models lack {', '.join(missing)}"
+    return None
+
+
+def _run_transformers(ns: argparse.Namespace, trace: list[SampledRequest]) -> dict:
+    """Every request added at once to a started manager; timed from the first add to the last
+    result, as ours is from the first add_request to the last step."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from ..config import ModelConfig
+    mc = ModelConfig(**dataclass_values(ns, ModelConfig))
+    device = mc.torch_device()
+    t0 = time.perf_counter()
+    model = _transformers_model(ns, device, mc.torch_dtype(device))
+    gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0,
+                           max_new_tokens=max(r.output_len for r in trace))
+    page = ContinuousBatchingConfig.page_size
+    # On CPU its cache would be sized from GPU memory: give it blocks for the whole trace.
+    blocks = None if device.type == "cuda" else sum(-(-r.total_len // page) for r in trace) + 1
+    cb = ContinuousBatchingConfig(max_requests_per_batch=ns.max_num_seqs, num_blocks=blocks,
+                                  max_batch_tokens=ns.max_num_batched_tokens)
+    with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb,
+                                                   block=True, timeout=60, warmup=device.type == "cuda") as manager:
+        start_s = time.perf_counter() - t0
+        attention = model.config._attn_implementation  # what it switched to for continuous batching
+        start = time.perf_counter()
+        ids = [manager.add_request(r.prompt_token_ids, max_new_tokens=r.output_len) for r in trace]
+        done: dict = {}
+        while len(done) < len(ids):
+            out = manager.get_result(timeout=1)
+            if out is not None and out.is_finished():
+                done[out.request_id] = out
+            elif out is None and not manager.is_running():
+                raise RuntimeError(f"its generation thread stopped with {len(ids) - len(done)} requests left")
+        elapsed = time.perf_counter() - start
+    errors = [o.error for o in done.values() if o.error is not None]
+    num_out = sum(len(o.generated_tokens) for o in done.values())
+    num_prompt = sum(r.prompt_len for r in trace)
+    return {"attn_implementation": attention, "start_s": start_s,
+            "elapsed_s": elapsed, "requests_per_s": len(trace) / elapsed, "output_tokens": num_out,
+            "output_tokens_per_s": num_out / elapsed, "total_tokens_per_s": (num_prompt + num_out) / elapsed,
+            "output_lens_match": [len(done[i].generated_tokens) for i in ids] == [r.output_len for r in trace],
+            "failed_requests": len(errors), **({"first_error": errors[0]} if errors else {})}
+
+
+def _transformers_model(ns: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """Dummy: random weights at the engine's shapes (LlamaConfig); else the checkpoint's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from ..models.loader import resolve_arch_config
+    path = ns.model
+    if path is None:
+        from ..models.gguf_import import default_model_dir
+        path = str(default_model_dir())
+    if ns.load_format != "dummy":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        return model.to(device).eval()
+    arch = resolve_arch_config(path)
+    cfg = LlamaConfig(hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+                      num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+                      num_key_value_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                      vocab_size=arch.vocab_size, max_position_embeddings=arch.max_position_embeddings,
+                      rope_theta=arch.rope_theta, rms_norm_eps=arch.rms_norm_eps,
+                      tie_word_embeddings=arch.tie_word_embeddings, attention_bias=arch.attention_bias,
+                      mlp_bias=arch.mlp_bias)  # rope scaling left out: it changes no step's work
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
 
 
 def print_results(res: dict) -> None:
@@ -247,6 +352,20 @@ def print_results(res: dict) -> None:
     for m in res["runs"]:
         if "error" in m:
             print(f"  {m['design']} failed: {m['error']}")
+    peer = res.get("peer")
+    if peer is None:
+        return
+    if "output_tokens_per_s" not in peer:
+        print(f"  peer {peer['design']}: {peer.get('unavailable') or peer.get('error')}")
+        return
+    print_table(f"peer: transformers {peer['transformers']} continuous batching ({peer['attn_implementation']}), "
+                f"same requests; warm-up {peer['start_s']:.1f} s not timed",
+                ["design", "s", "req/s", "out tok/s", "total tok/s", "ours / peer"],
+                [[peer["design"], peer["elapsed_s"], peer["requests_per_s"], peer["output_tokens_per_s"],
+                  peer["total_tokens_per_s"], "-"]] +
+                [[m["design"], m["elapsed_s"], m["requests_per_s"], m["output_tokens_per_s"],
+                  m["total_tokens_per_s"], m["output_tokens_per_s_vs_peer"]]
+                 for m in res["runs"] if "output_tokens_per_s_vs_peer" in m])
 
 
 def plot(res: dict, path: Path) -> None:

@@ -123,15 +123,18 @@ def test_each_rank_loads_exactly_its_slices(tmp_path, family, overrides):
         kv_start = rank * kv_heads if cfg.num_kv_heads >= 2 else rank * cfg.num_kv_heads // 2
         kv_rows = slice(kv_start * d, (kv_start + kv_heads) * d)
         width = cfg.intermediate_size // 2
-        torch.testing.assert_close(got[attn + "q_proj.weight"], full[attn + "q_proj.weight"][q_rows])
-        torch.testing.assert_close(got[attn + "k_proj.weight"], full[attn + "k_proj.weight"][kv_rows])
+        q, kv = heads_per_rank * d, kv_heads * d  # qkv_proj rows: this rank's q, then k, then v
+        qkv = got[attn + "qkv_proj.weight"]
+        torch.testing.assert_close(qkv[:q], full[attn + "q_proj.weight"][q_rows])
+        torch.testing.assert_close(qkv[q:q + kv], full[attn + "k_proj.weight"][kv_rows])
         torch.testing.assert_close(got[attn + "o_proj.weight"], full[attn + "o_proj.weight"][:, q_rows])
-        torch.testing.assert_close(got[mlp + "up_proj.weight"], full[mlp + "up_proj.weight"][rank * width:(rank + 1) * width])
+        torch.testing.assert_close(got[mlp + "gate_up_proj.weight"][width:],  # gate rows, then up rows
+                                   full[mlp + "up_proj.weight"][rank * width:(rank + 1) * width])
         torch.testing.assert_close(got[mlp + "down_proj.weight"],
                                    full[mlp + "down_proj.weight"][:, rank * width:(rank + 1) * width])
         torch.testing.assert_close(got["model.norm.weight"], full["model.norm.weight"])
         if cfg.attention_bias:
-            torch.testing.assert_close(got[attn + "q_proj.bias"], full[attn + "q_proj.bias"][q_rows])
+            torch.testing.assert_close(got[attn + "qkv_proj.bias"][:q], full[attn + "q_proj.bias"][q_rows])
         rows = -(-cfg.vocab_size // 2)
         embed = got["model.embed_tokens.weight"]
         real = full["model.embed_tokens.weight"][rank * rows:(rank + 1) * rows]

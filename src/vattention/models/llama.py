@@ -1,16 +1,24 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Yi, Qwen2, SmolLM) over a flat batch of tokens.
+"""The Llama-family decoder (Llama 2/3, Mistral, Yi, Qwen2, SmolLM) over a flat batch of tokens,
+laid out as vLLM's: the residual stream is carried beside each layer's output and added inside
+the next norm.
 
-    input_ids [T] ─ embed ─> [T, hidden] ─ N x (RMSNorm ─ attention ─ + ─ RMSNorm ─ MLP ─ +)
-                  ─ RMSNorm ─> hidden [T, hidden];  compute_logits(rows) ─> [rows, vocab]
+    input_ids [T] ─ embed ─> x [T, hidden]          residual = x, x = norm(x)       (layer 0)
+      N x ( qkv_proj ─ rope(q, k) ─ attention ─ o_proj ─ x, residual = add_norm(x, residual)
+            ─ gate_up_proj ─ silu(gate) * up ─ down_proj ─ x, residual = add_norm(x, residual) )
+      ─> hidden [T, hidden] (the last add_norm is the final norm);  compute_logits(rows) ─> [rows, vocab]
 
-Module names match Hugging Face checkpoints, so a safetensors state dict loads as it is.
-Attention is delegated to a backend with the layer's KV cache and the step's metadata.
+The norms, rope and silu * up are fused.py's functions: Triton kernels on CUDA, eager PyTorch
+elsewhere. q/k/v and gate/up are each one GEMM (MergedLinear): the loader stacks the checkpoint's
+q_proj/k_proj/v_proj and gate_proj/up_proj tensors into qkv_proj and gate_up_proj (loader.py);
+every other module name matches Hugging Face checkpoints. Attention is delegated to a backend with
+the layer's KV cache and the step's metadata.
 
 Under tensor parallelism (a Shard of more than one rank, plus `comm` for the collectives) each
 rank builds only its slices (sharding.py) and sums partial results where Megatron does:
 
-  x ─ embed (vocab slice; all-reduce) ─ [q,k,v local heads ─ attn ─ o_proj rows; all-reduce]
-    ─ [gate,up local columns ─ down_proj rows; all-reduce] ─ ... ─ lm_head (vocab slice; all-gather)
+  x ─ embed (vocab slice; all-reduce) ─ [qkv: local q heads | local kv heads ─ attn ─ o_proj rows;
+    all-reduce] ─ [gate_up: local gate | local up columns ─ down_proj rows; all-reduce] ─ ...
+    ─ lm_head (vocab slice; all-gather)
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from torch import nn
 
 from ..attention import AttentionMetadata, LayerKV
 from .config import ModelArchConfig
+from .fused import add_rms_norm, rms_norm, rotary_qk, silu_and_mul
 from .sharding import Shard
 
 
@@ -67,16 +76,29 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.comm.all_reduce(x)
 
 
+class MergedLinear(nn.Linear):
+    """Column-parallel projections of one input as one GEMM: the output rows are the checkpoint
+    tensors named in `parts` (this rank's slice of each), stacked in that order."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = parts  # checkpoint module name -> this rank's rows, e.g. {"q_proj": 512, ...}
+        self.sizes = list(parts.values())
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm of the residual stream, the residual stream): the stream is x where no residual
+        is carried yet, else residual + x (written into residual)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps), x
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelArchConfig) -> torch.Tensor:
@@ -101,30 +123,21 @@ def rope_inv_freq(cfg: ModelArchConfig) -> torch.Tensor:
     return inv_freq
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos/sin [T, 1, D] (the half-split "rotate_half" convention of HF)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None):
         super().__init__()
         self.num_heads, self.num_kv_heads = shard.num_heads(cfg), shard.num_kv_heads(cfg)  # this rank's
         self.head_dim = cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = RowParallelLinear(self.num_heads * cfg.head_dim, cfg.hidden_size, False, comm)
+        q_rows, kv_rows = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}, cfg.attention_bias)
+        self.o_proj = RowParallelLinear(q_rows, cfg.hidden_size, False, comm)
 
-    def forward(self, x, cos, sin, cache: LayerKV, meta: AttentionMetadata, backend):
-        t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        out = backend.forward(q, k, v, cache, meta)  # [T, H_q, D]
+    def forward(self, x, positions, inv_freq, cache: LayerKV, meta: AttentionMetadata, backend):
+        t, d = x.shape[0], self.head_dim
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)  # views of [T, (H_q + 2 H_kv) * D]
+        q, k = rotary_qk(q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), positions, inv_freq)
+        out = backend.forward(q, k, v.view(t, self.num_kv_heads, d), cache, meta)  # [T, H_q, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -132,12 +145,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None):
         super().__init__()
         width = cfg.intermediate_size // shard.world_size  # this rank's columns
-        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": width, "up_proj": width},
+                                         cfg.mlp_bias)
         self.down_proj = RowParallelLinear(width, cfg.hidden_size, cfg.mlp_bias, comm)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, 2 I] -> [T, I] -> [T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -148,9 +161,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, inv_freq, cache, meta, backend):
+        """-> (this layer's MLP output, the residual stream before it is added)."""
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, inv_freq, cache, meta, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaBody(nn.Module):
@@ -178,13 +194,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[LayerKV],
                 meta: AttentionMetadata, backend) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
-        x = self.model.embed_tokens(input_ids)
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer, cache in zip(self.model.layers, caches):
-            x = layer(x, cos, sin, cache, meta, backend)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, self.inv_freq, cache, meta, backend)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 (every rank gets all of them)."""

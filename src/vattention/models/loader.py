@@ -1,7 +1,16 @@
 """Build a model on its device and fill its weights: from a Hugging Face directory
 (config.json + *.safetensors), or random ("dummy") for any config, e.g. a preset shape.
-Under tensor parallelism each rank builds and reads only its slices (sharding.py): safetensors'
-get_slice reads just those bytes of the file."""
+
+Loading goes one way, checkpoint tensor -> the rows of a parameter it fills (checkpoint_targets):
+a tensor's own parameter, or for a MergedLinear its part of the stacked rows:
+
+    model.layers.0.self_attn.q_proj.weight ─┐                 rows [0, q)
+    model.layers.0.self_attn.k_proj.weight ─┼─> qkv_proj.weight  [q, q + kv)
+    model.layers.0.self_attn.v_proj.weight ─┘                 [q + kv, q + 2 kv)
+    (gate_proj, up_proj ─> gate_up_proj the same way; biases like their weights)
+
+Under tensor parallelism each rank builds and reads only its slices (sharding.py), and q, k, v
+are this rank's rows of each: safetensors' get_slice reads just those bytes of the file."""
 
 from __future__ import annotations
 
@@ -13,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelArchConfig
-from .llama import Collectives, LlamaForCausalLM, rope_inv_freq
+from .llama import Collectives, LlamaForCausalLM, MergedLinear, rope_inv_freq
 from .presets import PRESETS
 from .sharding import Shard
 
@@ -50,14 +59,32 @@ def build_model(cfg: ModelArchConfig, device: torch.device, dtype: torch.dtype, 
     return model.eval()
 
 
+def checkpoint_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name -> the view of the parameter it fills (this rank's rows). A tied
+    lm_head is the embedding's parameter and has no entry of its own."""
+    targets = {}
+    for module_name, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            if isinstance(module, MergedLinear):
+                parent, start = module_name.rpartition(".")[0], 0
+                for part, rows in module.parts.items():
+                    targets[f"{parent}.{part}.{leaf}"] = param.narrow(0, start, rows)
+                    start += rows
+            else:
+                targets[f"{module_name}.{leaf}"] = param
+    if model.config.tie_word_embeddings:
+        del targets["lm_head.weight"]
+    return targets
+
+
 def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
-    """Copy every tensor of the directory's safetensors files into the matching parameter."""
+    """Copy every tensor of the directory's safetensors files into the rows it fills."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
-    params = dict(model.named_parameters())
+    targets = checkpoint_targets(model)
     with torch.device("meta"):
-        whole = {n: p.shape for n, p in LlamaForCausalLM(model.config).named_parameters()}
+        whole = {n: t.shape for n, t in checkpoint_targets(LlamaForCausalLM(model.config)).items()}
     tied = model.config.tie_word_embeddings
     loaded: set[str] = set()
     for file in files:
@@ -65,34 +92,34 @@ def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
                     continue
-                if name not in params:
+                if name not in targets:
                     raise ValueError(f"{file.name}: tensor {name!r} matches no parameter of "
                                      f"{model.config.architecture}")
                 source = f.get_slice(name)
                 if tuple(source.get_shape()) != tuple(whole[name]):
                     raise ValueError(f"{file.name}: {name} has shape {tuple(source.get_shape())}, "
                                      f"the config implies {tuple(whole[name])}")
-                _copy_shard(params[name], source, name, whole[name], model)
+                _copy_shard(targets[name], source, name, whole[name], model)
                 loaded.add(name)
-    missing = [n for n in params if n not in loaded and not (tied and n == "lm_head.weight")]
+    missing = [n for n in targets if n not in loaded]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} weights, e.g. {missing[:3]}")
 
 
-def _copy_shard(param: torch.Tensor, source, name: str, whole: torch.Size, model: LlamaForCausalLM) -> None:
-    """Copy this rank's slice of a checkpoint tensor (all of it without sharding) into param;
+def _copy_shard(dest: torch.Tensor, source, name: str, whole: torch.Size, model: LlamaForCausalLM) -> None:
+    """Copy this rank's slice of a checkpoint tensor (all of it without sharding) into dest;
     `whole` is the unsharded shape the config implies."""
     where = model.shard.slice_of(name, model.config)
     with torch.no_grad():
         if where is None:
-            param.copy_(source[:])
+            dest.copy_(source[:])
             return
         dim, start, length = where
         stop = min(start + length, whole[dim])  # the last vocabulary slice may run into padding
         part = source[start:stop] if dim == 0 else source[:, start:stop]
         if stop - start < length:
-            param.zero_()
-        param.narrow(dim, 0, stop - start).copy_(part)
+            dest.zero_()
+        dest.narrow(dim, 0, stop - start).copy_(part)
 
 
 def init_dummy(model: LlamaForCausalLM, seed: int = 0) -> None:

@@ -1,7 +1,10 @@
-"""Megatron-style tensor-parallel sharding of a Llama-family model: which slice of each weight
-one rank holds. Pure arithmetic on shapes; the collectives live in vattention.distributed.
+"""Megatron-style tensor-parallel sharding of a Llama-family model: which slice of each
+checkpoint tensor one rank holds. Pure arithmetic on shapes; the collectives live in
+vattention.distributed.
 
-  q_proj, k_proj, v_proj, gate_proj, up_proj   split by output rows  (column parallel)
+  q_proj, k_proj, v_proj, gate_proj, up_proj   split by output rows  (column parallel; each rank
+                                               stacks its q, k, v rows into its qkv_proj and its
+                                               gate, up rows into its gate_up_proj: loader.py)
   o_proj, down_proj                            split by input columns (row parallel: all-reduce after)
   embed_tokens, lm_head                        split by vocabulary rows (padded to a multiple of ranks)
   norms                                        whole on every rank

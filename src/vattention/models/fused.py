@@ -1,0 +1,91 @@
+"""The decoder's elementwise work as one call per op: an eager PyTorch version (CPU, and CUDA
+without Triton) and a Triton kernel (CUDA, fused_kernels.py) that computes the same thing in one
+pass over memory. Each function dispatches on its input's device.
+
+    rms_norm(x, w, eps)                 -> w * rmsnorm(x)
+    add_rms_norm(x, residual, w, eps)   -> (w * rmsnorm(residual + x), residual + x)   [vLLM's
+                                           fused_add_rms_norm: the sum is written into residual]
+    rotary_qk(q, k, positions, inv_freq) -> (rope(q), rope(k))   cos/sin from positions directly
+    silu_and_mul(gate_up)               -> silu(gate) * up        gate_up = [gate | up] columns
+
+The eager versions are the decoder's arithmetic before fusion (float32 inside the norm, output
+in the input dtype; cos/sin in float32 cast to the activation dtype), which the tests keep as the
+reference; the kernels round wherever those store in the activation dtype.
+
+Why our own Triton kernels rather than torch.compile: a Triton kernel compiles once per dtype
+and shape class (hidden size, head counts), while inductor compiles per static shape, i.e. once
+for each of the 35 decode batch sizes the engine captures as CUDA graphs at start, which must
+take under 90 s; and compiled code guards on the module's per-layer weights, which plain
+function calls on tensors do not have.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, hidden] -> weight * x / rms(x), computed in float32, returned in x's dtype."""
+    kernels = _kernels(x)
+    if kernels is not None:
+        return kernels.rms_norm(x, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual += x (in place); returns (rms_norm(residual), residual). x, residual [T, hidden]."""
+    kernels = _kernels(x)
+    if kernels is not None:
+        return kernels.rms_norm(x, weight, eps, residual=residual), residual
+    residual.add_(x)
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+              inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [T, H_q, D] and k [T, H_kv, D] (HF rotate_half convention) at
+    positions [T], inv_freq [D/2] float32. Returns new tensors; q and k may be strided views."""
+    kernels = _kernels(q)
+    if kernels is not None:
+        return kernels.rotary_qk(q, k, positions, inv_freq)
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+    cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 * I] -> silu(gate_up[:, :I]) * gate_up[:, I:] [T, I]."""
+    kernels = _kernels(gate_up)
+    if kernels is not None:
+        return kernels.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _kernels(x: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels for a CUDA tensor, None (the eager path) otherwise."""
+    return _triton_kernels() if x.is_cuda else None
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    """Imported on first use only: importing triton decides whether it interprets (tests)."""
+    try:
+        from . import fused_kernels
+    except ImportError:  # a CUDA build of torch without triton
+        return None
+    return fused_kernels

@@ -1,0 +1,202 @@
+"""The Triton kernels behind fused.py: each reads its inputs once and writes its outputs once,
+where the eager code makes a float32 copy, a reduction, casts and products as separate passes.
+
+    _rms_norm_kernel     grid (T,): one program per token row, the whole hidden vector in one
+                         block; HAS_RESIDUAL adds the residual first and stores the sum in place
+    _rotary_kernel       grid (T, ceil(H_q / BLOCK_H) + ceil(H_kv / BLOCK_H)): one program per
+                         token and block of q heads, or of k heads; cos/sin from the position and
+                         inv_freq in registers, shared by the block's heads
+    _silu_and_mul_kernel grid (T, ceil(I / BLOCK)): one program per token and block of columns
+
+Every rounding the eager code makes is made here too, in the same order (a value computed in
+float32 and cast to the activation dtype wherever eager PyTorch would store it in that dtype),
+so float32 results agree with eager to float32 rounding and 16-bit results agree closely.
+
+On CPU they run under Triton's interpreter, which triton picks when it decorates these kernels:
+TRITON_INTERPRET=1 must be set before triton is first imported (tests/test_fused_kernels.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HIDDEN = 1 << 16  # the norm holds a whole row in registers
+
+
+@triton.jit
+def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, eps,
+                     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:  # residual += x, rounded to the activation dtype as torch's add rounds it
+        r_ptr = Residual + row * stride_r + cols
+        x = (x.to(tl.float32) + tl.load(r_ptr, mask=mask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(r_ptr, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
+    normed = (xf * inv_rms).to(X.dtype.element_ty)  # eager: xf.to(x.dtype) before the weight
+    w = tl.load(Weight + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_o + cols, (w * normed.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """x (float32) as the activation dtype would hold it, back in float32."""
+    return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _rotate_heads(X, Out, first_head, num_heads, stride_xh, stride_oh, cos, sin,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Heads [first_head, first_head + BLOCK_H) of one token, HF rotate_half convention:
+    out = x * cos + cat(-x2, x1) * sin, each product and the sum rounded as eager rounds them."""
+    heads = first_head + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (heads < num_heads)[:, None] & (offs_d < HALF)[None, :]
+    src = X + heads[:, None].to(tl.int64) * stride_xh + offs_d[None, :]  # [BLOCK_H, BLOCK_D] first halves
+    dst = Out + heads[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    out1 = _round(x1 * cos, dtype) - _round(x2 * sin, dtype)
+    out2 = _round(x2 * cos, dtype) + _round(x1 * sin, dtype)
+    tl.store(dst, out1.to(dtype), mask=mask)
+    tl.store(dst + HALF, out2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(Q, K, QOut, KOut, Positions, InvFreq, stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_qot, stride_qoh, stride_kot, stride_koh,
+                   NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, NUM_Q_BLOCKS: tl.constexpr,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                   LIBDEVICE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    # eager: positions.float() * inv_freq, cos/sin in float32, cast to the activation dtype
+    freqs = tl.load(Positions + t).to(tl.float32) * tl.load(InvFreq + offs_d, mask=offs_d < HALF, other=0.0)
+    if LIBDEVICE:  # CUDA's accurate cosf/sinf (what torch calls), whatever the argument's size
+        cos, sin = libdevice.cos(freqs), libdevice.sin(freqs)
+    else:  # Triton's interpreter has no libdevice; numpy's float32 cos/sin
+        cos, sin = tl.cos(freqs), tl.sin(freqs)
+    dtype = Q.dtype.element_ty
+    cos, sin = _round(cos, dtype)[None, :], _round(sin, dtype)[None, :]  # [1, BLOCK_D]
+    if block < NUM_Q_BLOCKS:
+        _rotate_heads(Q + t * stride_qt, QOut + t * stride_qot, block * BLOCK_H, NUM_Q_HEADS,
+                      stride_qh, stride_qoh, cos, sin, HALF, BLOCK_H, BLOCK_D)
+    else:
+        _rotate_heads(K + t * stride_kt, KOut + t * stride_kot, (block - NUM_Q_BLOCKS) * BLOCK_H,
+                      NUM_KV_HEADS, stride_kh, stride_koh, cos, sin, HALF, BLOCK_H, BLOCK_D)
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < WIDTH
+    gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(X + row * stride_x + WIDTH + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = _round(g / (1.0 + tl.exp(-g)), gate.dtype)  # F.silu, stored in the activation dtype
+    tl.store(Out + row * stride_o + cols, (act * up.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+
+
+_INTERPRETED = not isinstance(_rms_norm_kernel, triton.runtime.JITFunction)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, hidden] -> weight * rmsnorm(x) [T, hidden]; with a residual, residual += x first
+    (in place) and the sum is normalized."""
+    _check(x, "x", 2)
+    hidden = x.shape[1]
+    if weight.shape != (hidden,) or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight must be [{hidden}] {x.dtype} on {x.device}, got "
+                         f"{list(weight.shape)} {weight.dtype} on {weight.device}")
+    if hidden > MAX_HIDDEN:
+        raise ValueError(f"hidden size {hidden} exceeds the norm kernel's {MAX_HIDDEN}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.stride(1) != 1):
+        raise ValueError(f"residual must be {list(x.shape)} {x.dtype} with contiguous rows, got "
+                         f"{list(residual.shape)} {residual.dtype} strides {residual.stride()}")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.shape[0] == 0:
+        return out
+    block = triton.next_power_of_2(hidden)
+    res = x if residual is None else residual  # never read without HAS_RESIDUAL
+    _rms_norm_kernel[(x.shape[0],)](
+        x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), eps,
+        HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
+        num_warps=min(16, max(1, block // 256)))
+    return out
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+              block_h: int = 8, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H_q, D], k [T, H_kv, D] (any token/head strides, e.g. views of one qkv projection;
+    D contiguous); positions [T] int; inv_freq [D/2] float32. Returns rotated copies, contiguous.
+    block_h (heads per program) and num_warps are tuning knobs."""
+    _check(q, "q", 3)
+    _check(k, "k", 3)
+    t, num_q_heads, head_dim = q.shape
+    if k.shape[0] != t or k.shape[2] != head_dim or k.dtype != q.dtype or k.device != q.device:
+        raise ValueError(f"k must be [{t}, H_kv, {head_dim}] {q.dtype} on {q.device}, got "
+                         f"{list(k.shape)} {k.dtype} on {k.device}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for the half-split rotation, got {head_dim}")
+    half = head_dim // 2
+    if (positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64)
+            or positions.device != q.device):
+        raise ValueError(f"positions must be int32/int64 [{t}] on {q.device}, got {positions.dtype} "
+                         f"{list(positions.shape)} on {positions.device}")
+    if inv_freq.shape != (half,) or inv_freq.dtype != torch.float32 or inv_freq.device != q.device:
+        raise ValueError(f"inv_freq must be float32 [{half}] on {q.device}, got {inv_freq.dtype} "
+                         f"{list(inv_freq.shape)} on {inv_freq.device}")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if t == 0:
+        return q_out, k_out
+    num_kv_heads = k.shape[1]
+    block_h = min(block_h, triton.next_power_of_2(max(num_q_heads, num_kv_heads)))
+    num_q_blocks = triton.cdiv(num_q_heads, block_h)
+    grid = (t, num_q_blocks + triton.cdiv(num_kv_heads, block_h))
+    _rotary_kernel[grid](
+        q, k, q_out, k_out, positions, inv_freq.contiguous(), q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, NUM_Q_BLOCKS=num_q_blocks, HALF=half,
+        BLOCK_H=block_h,
+        BLOCK_D=triton.next_power_of_2(half), LIBDEVICE=not _INTERPRETED, num_warps=num_warps)
+    return q_out, k_out
+
+
+def silu_and_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """gate_up [T, 2 * I] (gate columns, then up columns) -> silu(gate) * up [T, I]."""
+    _check(gate_up, "gate_up", 2)
+    t, double_width = gate_up.shape
+    if double_width % 2:
+        raise ValueError(f"gate_up must have an even number of columns, got {double_width}")
+    width = double_width // 2
+    out = torch.empty(t, width, dtype=gate_up.dtype, device=gate_up.device)
+    if t == 0:
+        return out
+    block = min(block, triton.next_power_of_2(width))
+    _silu_and_mul_kernel[(t, triton.cdiv(width, block))](
+        gate_up, out, gate_up.stride(0), out.stride(0), WIDTH=width, BLOCK=block,
+        num_warps=max(1, min(8, block // 256)))
+    return out
+
+
+def _check(x: torch.Tensor, name: str, dims: int) -> None:
+    if x.dim() != dims or x.dtype not in DTYPES or x.stride(-1) != 1:
+        raise ValueError(f"{name} must be a {dims}-d tensor of {DTYPES} contiguous along its last "
+                         f"dim, got {list(x.shape)} {x.dtype} strides {x.stride()}")
+    if x.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError("the fused Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
+                         "before vattention.models.fused_kernels is first imported")

@@ -48,12 +48,15 @@ def check_tokens_close(ours, our_tops, theirs, their_tops):
             return
 
 
+@pytest.mark.parametrize("backend", ["auto", "flash"])
 @pytest.mark.parametrize("layout", ["cross_layer", "per_layer"])
-def test_bf16_greedy_and_logprobs_close_to_hf(tmp_path, layout):
+def test_bf16_greedy_and_logprobs_close_to_hf(tmp_path, layout, backend):
+    """The default (our Triton decode, FA2 prefill) and FA2 throughout."""
     hf = make_checkpoint("llama", tmp_path, **CHECKPOINT).to("cuda", torch.bfloat16)
     llm = LLM(model=str(tmp_path), device="cuda", dtype="bfloat16", kv_cache_memory_gib=1.0,
-              layout=layout, max_num_batched_tokens=512)
-    assert type(llm.engine.runner.backend).__name__ == "FlashBackend"
+              layout=layout, max_num_batched_tokens=512, attention_backend=backend)
+    want = "TritonBackend" if backend == "auto" else "FlashBackend"
+    assert type(llm.engine.runner.backend).__name__ == want
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NUM_TOKENS,
                                                 ignore_eos=True, logprobs=TOP))
     hf32 = make_checkpoint("llama", tmp_path / "fp32", **CHECKPOINT).to("cuda")  # same seed: same weights

@@ -142,7 +142,7 @@ def test_padded_decode_equals_the_reference(paged):
         cache = _random_cache(100 * len(seq_lens), heads_kv, dim)
     padded = AttentionMetadata(**{**vars(meta), "max_seq_len": 128})
     got = padded_decode(q, cache, padded, 0.25)
-    k_new = cache.k_flat[meta.kv_write_index]  # the reference rewrites the last rows with themselves
+    k_new = cache.k_flat[meta.kv_write_index]  # the step's K/V, already in the cache
     v_new = cache.v_flat[meta.kv_write_index]
     want = ReferenceBackend(0.25).forward(q, k_new, v_new, cache, meta)
     err = (got - want).abs().max().item()

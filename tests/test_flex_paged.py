@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from vattention.attention import (FlexPagedBackend, LayerKV, ReferenceBackend, build_paged_metadata,
+from vattention.attention import (FlexPagedBackend, LayerKV, ReferenceBackend, build_paged_metadata, write_kv,
                                   make_backend)
 from vattention.attention.flex_paged import causal_block_counts
 
@@ -68,6 +68,8 @@ def test_flex_matches_reference(step, block_size, group):
     layer = paged_layer(num_blocks, block_size, kv_heads, dim)
     ref_layer = copy_layer(layer)
     scale = 1 / math.sqrt(dim)
+    write_kv(layer, k, v, meta)  # what the model's layer does before attending
+    write_kv(ref_layer, k, v, meta)
     out = FlexPagedBackend(scale, block_size, DEVICE).forward(q, k, v, layer, meta)
     ref = ReferenceBackend(scale).forward(q, k, v, ref_layer, meta)
     assert torch.equal(layer.k_blocks, ref_layer.k_blocks) and torch.equal(layer.v_blocks, ref_layer.v_blocks)

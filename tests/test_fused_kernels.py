@@ -155,6 +155,42 @@ def test_rotary_matches_eager_and_float64(dtype, num_q_heads, num_kv_heads, head
         assert_close(eager, rope_float64(x, positions, inv_freq).cpu(), TOLERANCE[dtype], f"{name} eager vs float64")
 
 
+@pytest.mark.parametrize("cache_dtype", [None, torch.float32], ids=["same-dtype", "float32-cache"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", ROPE_SHAPES[:3] + ROPE_SHAPES[4:], ids=str)
+def test_rotary_store_writes_the_cache_rows_as_eager(dtype, num_q_heads, num_kv_heads, head_dim, cache_dtype):
+    """With store=, the same kernel also writes rope(k) and v to the given cache rows (scattered,
+    not in token order, through a strided cross-layer-like view) and touches no other row:
+    bit-equal to the eager rotary_qk_store."""
+    torch.manual_seed(head_dim * 3 + num_kv_heads)
+    t, rows_total = 5, 40
+    width = (num_q_heads + 2 * num_kv_heads) * head_dim
+    qkv = rand(t, width, dtype=dtype)
+    q = qkv[:, :num_q_heads * head_dim].view(t, num_q_heads, head_dim)
+    k = qkv[:, num_q_heads * head_dim:(num_q_heads + num_kv_heads) * head_dim].view(t, num_kv_heads, head_dim)
+    v = qkv[:, (num_q_heads + num_kv_heads) * head_dim:].view(t, num_kv_heads, head_dim)
+    # one buffer [rows, 2 (k|v), H_kv, D]: the k and v caches are strided views, as cross_layer's
+    cache = rand(rows_total, 2, num_kv_heads, head_dim, dtype=cache_dtype or dtype)
+    rows = torch.tensor([31, 2, 17, 0, 39], device=DEVICE)
+    positions = torch.tensor([4, 900, 3, 77, 12000], device=DEVICE)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=DEVICE) / head_dim))
+    want_cache = cache.cpu().clone()
+    q_eager, k_eager = fused.rotary_qk_store(q.cpu(), k.cpu(), v.cpu(), positions.cpu(), inv_freq.cpu(),
+                                             want_cache[:, 0], want_cache[:, 1], rows.cpu())
+    q_out, k_out = fk.rotary_qk(q, k, positions, inv_freq, store=(v, cache[:, 0], cache[:, 1], rows))
+    q_plain, k_plain = fk.rotary_qk(q, k, positions, inv_freq)
+    assert torch.equal(q_out, q_plain) and torch.equal(k_out, k_plain)
+    untouched = [r for r in range(rows_total) if r not in rows.tolist()]
+    assert torch.equal(cache.cpu()[untouched], want_cache[untouched])
+    assert torch.equal(cache.cpu()[rows.cpu(), 1], v.cpu().to(cache.dtype))
+    assert torch.equal(cache.cpu()[rows.cpu(), 0], k_out.cpu().to(cache.dtype))
+    if dtype == torch.float32:
+        assert (cache.cpu() - want_cache).abs().max().item() <= 1e-6
+        assert (q_out.cpu() - q_eager).abs().max().item() <= 1e-6
+    else:
+        assert_close(cache.cpu()[rows.cpu(), 0], want_cache[rows.cpu(), 0], TOLERANCE[dtype], "k cache vs eager")
+
+
 # ---- SiLU(gate) * up ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -179,7 +215,18 @@ def test_silu_and_mul_matches_eager_and_float64(dtype, width):
                           torch.zeros(2, dtype=torch.long, device=DEVICE), torch.ones(16, device=DEVICE)),
      r"inv_freq must be float32 \[8\]"),
     (lambda: fk.silu_and_mul(rand(2, 7, dtype=torch.float16)), "even number of columns"),
-], ids=["weight-dtype", "strided-last-dim", "float-positions", "inv-freq-shape", "odd-gate-up"])
+    (lambda: fk.rotary_qk(rand(2, 4, 16, dtype=torch.float16), rand(2, 2, 16, dtype=torch.float16),
+                          torch.zeros(2, dtype=torch.long, device=DEVICE), torch.ones(8, device=DEVICE),
+                          store=(rand(2, 2, 16, dtype=torch.float16), rand(9, 4, 16, dtype=torch.float16),
+                                 rand(9, 4, 16, dtype=torch.float16), torch.zeros(2, dtype=torch.long, device=DEVICE))),
+     r"k_cache must be \[rows, 2, 16\]"),
+    (lambda: fk.rotary_qk(rand(2, 4, 16, dtype=torch.float16), rand(2, 2, 16, dtype=torch.float16),
+                          torch.zeros(2, dtype=torch.long, device=DEVICE), torch.ones(8, device=DEVICE),
+                          store=(rand(2, 2, 16, dtype=torch.float16), rand(9, 2, 16, dtype=torch.float16),
+                                 rand(9, 2, 16, dtype=torch.float16), torch.zeros(3, dtype=torch.long, device=DEVICE))),
+     r"rows must be int32/int64 \[2\]"),
+], ids=["weight-dtype", "strided-last-dim", "float-positions", "inv-freq-shape", "odd-gate-up",
+        "store-cache-heads", "store-rows-shape"])
 def test_unsupported_inputs_raise_clearly(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -1,8 +1,8 @@
 """The fused decoder (merged qkv / gate_up projections, fused norm + residual add, RoPE and
 SiLU * up) against the unfused reference (tests/unfused_llama.py) on the same checkpoints:
-greedy tokens equal and logprobs within 1e-4 in float32, close in bfloat16; the merged weights
-are the checkpoint tensors stacked, per tensor-parallel rank too; loading still refuses a
-checkpoint with missing, unexpected or misshapen tensors.
+greedy tokens equal and logprobs within 1e-4 in float32, in bfloat16 as close to float32 as the
+unfused model; the merged weights are the checkpoint tensors stacked, per tensor-parallel rank
+too; loading still refuses a checkpoint with missing, unexpected or misshapen tensors.
 
 On CPU the fused ops run their eager path (the Triton kernels are checked under the interpreter
 in test_fused_kernels.py); with VATTENTION_TEST_DEVICE=cuda both models run on the GPU and the
@@ -59,13 +59,18 @@ def test_fused_float32_gives_the_unfused_greedy_tokens(checkpoint):
     assert diff < 1e-4, f"logprobs differ by up to {diff:.2e}"
 
 
-def test_fused_bfloat16_logits_stay_within_bfloat16_rounding(checkpoint):
-    """bfloat16: each prompt's prefill logits within 2 % (of the largest) of the reference's."""
+def test_fused_bfloat16_logits_are_as_close_to_float32_as_the_unfused(checkpoint):
+    """bfloat16: each prompt's prefill logits are as close to the float32 reference's as the
+    unfused model's in bfloat16 are (within 1.5x, plus 0.5 % of the largest logit): fusing
+    changes where bfloat16 rounds, not how much. Both stay within 5 % of the largest logit."""
     fused = load_model(checkpoint, "safetensors", torch.device(DEVICE), torch.bfloat16)
-    reference = load_unfused(checkpoint, DEVICE, torch.bfloat16)
-    got, want = prefill_logits(fused, PROMPTS), prefill_logits(reference, PROMPTS)
-    err = ((got - want).abs().max() / want.abs().max()).item()
-    assert err < 2e-2, f"bfloat16 logits differ by {err:.2e} of the largest"
+    unfused = load_unfused(checkpoint, DEVICE, torch.bfloat16)
+    truth = prefill_logits(load_unfused(checkpoint, DEVICE, torch.float32), PROMPTS)
+    scale = truth.abs().max().item()
+    err = {name: ((prefill_logits(model, PROMPTS) - truth).abs().max() / scale).item()
+           for name, model in (("fused", fused), ("unfused", unfused))}
+    assert err["fused"] <= 1.5 * err["unfused"] + 5e-3, f"bfloat16 errors vs float32 (of the largest logit): {err}"
+    assert max(err.values()) < 5e-2, f"bfloat16 errors vs float32 (of the largest logit): {err}"
 
 
 def _stacked(full: dict, prefix: str, parts: list[str], leaf: str, rows: list[slice]) -> torch.Tensor:

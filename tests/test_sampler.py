@@ -248,6 +248,46 @@ def test_logprobs_and_top_logprobs_are_log_softmax_of_the_raw_logits():
                      [ref[t] for t in want_ids] or [0.0], 1e-5, f"row {i} top logprobs")
 
 
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor's values on the host (each a device sync on a GPU)."""
+
+    READS = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS or (name == "to" and "cpu" in map(str, [*args[1:], *(kwargs or {}).values()])):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("logprobs", [None, 0, 3], ids=["no-logprobs", "sampled-logprob", "top-3"])
+def test_one_host_read_per_step_whatever_the_rows_ask(logprobs):
+    """Greedy, top-k, top-p, min-p and seeded rows with penalties and logit bias in one batch:
+    the ids (and logprobs, when asked) leave the device in a single read, and they are the
+    values a separate read of each would give."""
+    params = [SP(temperature=0, logprobs=logprobs), SP(temperature=0.7, top_k=5, logprobs=logprobs),
+              SP(top_p=0.9, repetition_penalty=1.3, logprobs=logprobs), SP(min_p=0.1, seed=4),
+              SP(temperature=0.5, top_k=8, top_p=0.5, logit_bias={3: 2.0}, frequency_penalty=0.4)]
+    logits = random_logits(len(params), 50, seed=21)
+    batch = batch_of(params, [[1, 2, 3]] * len(params), [[4, 4], [], [7], [], [3]])
+    with HostReads() as mode:
+        out = Sampler()(logits, batch)
+    assert mode.reads == ["tolist"], f"host reads in one step: {mode.reads}"
+    logprobs_all = logits.float().log_softmax(-1).cpu()
+    if logprobs is None:
+        assert out.logprobs is None and out.top_logprobs is None
+        return
+    for i, (token, p) in enumerate(zip(out.token_ids, params)):
+        assert isinstance(token, int) and out.logprobs[i] == logprobs_all[i, token].item()  # exact
+        top = logprobs_all[i].topk(p.logprobs) if p.logprobs else None
+        want = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        assert out.top_logprobs[i] == want, f"row {i}"
+
+
 # ---- mixed batches and inputs ----
 
 MIXED = [SP(temperature=0), SP(temperature=0, repetition_penalty=1.4, frequency_penalty=0.5),

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vattention.attention import LayerKV
-from vattention.attention.backends import SDPABackend
+from vattention.attention.backends import SDPABackend, write_kv
 from vattention.attention.metadata import build_contiguous_metadata
 from vattention.models.config import ModelArchConfig
 from vattention.models.llama import rope_inv_freq
@@ -54,6 +54,7 @@ class Attention(nn.Module):
         q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        write_kv(cache, k, v, meta)  # before the fused step, the backends wrote K/V themselves
         out = backend.forward(q, k, v, cache, meta)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 

@@ -1,19 +1,19 @@
 """Attention over the KV cache. Backends take explicit metadata and the layer's cache tensors;
 none reads global state, none imports the scheduler or engine.
 
-    model layer ──(q, k, v, LayerKV, AttentionMetadata)──> backend.forward
-        writes this step's k/v into the cache rows meta.kv_write_index, then attends
-        over each sequence's [0, seq_len) tokens.
+    model layer ── stores this step's k/v at the cache rows meta.kv_write_index (inside its
+        rotary kernel; write_kv does it alone) ──(q, k, v, LayerKV, AttentionMetadata)──>
+        backend.forward: attends over each sequence's [0, seq_len) tokens.
 
 Contiguous caches (vattention, static) are read as dense strided tensors; paged caches through
 block tables. See backends.py and flex_paged.py for the kernels behind each name, select.py for the choice.
 """
 
-from .backends import FlashBackend, LayerKV, ReferenceBackend, SDPABackend, TritonBackend
+from .backends import FlashBackend, LayerKV, ReferenceBackend, SDPABackend, TritonBackend, write_kv
 from .flex_paged import FlexPagedBackend
 from .metadata import AttentionMetadata, build_contiguous_metadata, build_paged_metadata
 from .select import BACKENDS, make_backend
 
-__all__ = ["AttentionMetadata", "build_contiguous_metadata", "build_paged_metadata", "LayerKV",
+__all__ = ["AttentionMetadata", "build_contiguous_metadata", "build_paged_metadata", "LayerKV", "write_kv",
            "FlashBackend", "TritonBackend", "SDPABackend", "ReferenceBackend", "FlexPagedBackend",
            "BACKENDS", "make_backend"]

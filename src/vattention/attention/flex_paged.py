@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from .backends import LayerKV, write_kv
+from .backends import LayerKV
 from .metadata import AttentionMetadata, to_device
 
 FLEX_KV_TILE = 128  # compiled flex_attention reads KV in tiles of 128 rows: blocks must hold whole tiles
@@ -88,7 +88,6 @@ class FlexPagedBackend:
             raise ValueError(f"the flex backend cannot read a pool of {cache.k_blocks.numel():.3g} "
                              f"elements per layer (>= 2^31): FlexAttention indexes it with 32-bit "
                              f"offsets; lower --kv-cache-memory-gib or use --attention-backend triton")
-        write_kv(cache, k, v, meta)
         if self._masks is None or self._masks[0] is not meta:  # built once per step, used by every layer
             self._masks = (meta, self._step_groups(meta, cache.k_blocks.shape[0], q.device))
         out = torch.empty_like(q)

@@ -6,6 +6,10 @@ pass over memory. Each function dispatches on its input's device.
     add_rms_norm(x, residual, w, eps)   -> (w * rmsnorm(residual + x), residual + x)   [vLLM's
                                            fused_add_rms_norm: the sum is written into residual]
     rotary_qk(q, k, positions, inv_freq) -> (rope(q), rope(k))   cos/sin from positions directly
+                                           (eager: rotary_cos_sin's tables, once per step)
+    rotary_qk_store(q, k, v, positions, inv_freq, k_cache, v_cache, rows)
+                                        -> (rope(q), rope(k)), and rope(k), v written to the
+                                           caches at rows (the step's K/V write, same pass)
     silu_and_mul(gate_up)               -> silu(gate) * up        gate_up = [gate | up] columns
 
 The eager versions are the decoder's arithmetic before fusion (float32 inside the norm, output
@@ -48,17 +52,42 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return rms_norm(residual, weight, eps), residual
 
 
-def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-              inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The eager path's cos/sin tables [T, 1, D] in dtype, computed once per step for all layers;
+    None on CUDA, where the kernel computes them itself from positions."""
+    if _kernels(positions) is not None:
+        return None
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+              cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q [T, H_q, D] and k [T, H_kv, D] (HF rotate_half convention) at
-    positions [T], inv_freq [D/2] float32. Returns new tensors; q and k may be strided views."""
+    positions [T], inv_freq [D/2] float32. Returns new tensors; q and k may be strided views.
+    cos_sin: rotary_cos_sin's tables for these positions, when the caller keeps them."""
     kernels = _kernels(q)
     if kernels is not None:
         return kernels.rotary_qk(q, k, positions, inv_freq)
-    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-    cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+    cos, sin = cos_sin if cos_sin is not None else rotary_cos_sin(positions, inv_freq, q.dtype)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def rotary_qk_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    rows: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotary_qk, then cache row rows[t] of k_cache / v_cache [rows, H_kv, D] gets token t's
+    rotated k / its v (cast to the caches' dtype). On CUDA one kernel does all of it."""
+    kernels = _kernels(q)
+    if kernels is not None:
+        return kernels.rotary_qk(q, k, positions, inv_freq, store=(v, k_cache, v_cache, rows))
+    q, k = rotary_qk(q, k, positions, inv_freq, cos_sin)
+    k_cache.index_copy_(0, rows, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, rows, v.to(v_cache.dtype))
+    return q, k
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

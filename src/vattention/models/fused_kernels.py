@@ -5,7 +5,9 @@ where the eager code makes a float32 copy, a reduction, casts and products as se
                          block; HAS_RESIDUAL adds the residual first and stores the sum in place
     _rotary_kernel       grid (T, ceil(H_q / BLOCK_H) + ceil(H_kv / BLOCK_H)): one program per
                          token and block of q heads, or of k heads; cos/sin from the position and
-                         inv_freq in registers, shared by the block's heads
+                         inv_freq in registers, shared by the block's heads; STORE: a k program
+                         also writes its rotated heads and the same v heads to the token's cache
+                         row (the step's K/V write, which was two index_copy kernels per layer)
     _silu_and_mul_kernel grid (T, ceil(I / BLOCK)): one program per token and block of columns
 
 Every rounding the eager code makes is made here too, in the same order (a value computed in
@@ -52,10 +54,12 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _rotate_heads(X, Out, first_head, num_heads, stride_xh, stride_oh, cos, sin,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rotate_heads(X, Out, Cache, first_head, num_heads, stride_xh, stride_oh, stride_ch, cos, sin,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                  STORE: tl.constexpr):
     """Heads [first_head, first_head + BLOCK_H) of one token, HF rotate_half convention:
-    out = x * cos + cat(-x2, x1) * sin, each product and the sum rounded as eager rounds them."""
+    out = x * cos + cat(-x2, x1) * sin, each product and the sum rounded as eager rounds them.
+    STORE: the result also goes to Cache (the token's cache row), in the cache's dtype."""
     heads = first_head + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (heads < num_heads)[:, None] & (offs_d < HALF)[None, :]
@@ -65,18 +69,38 @@ def _rotate_heads(X, Out, first_head, num_heads, stride_xh, stride_oh, cos, sin,
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
     dtype = x1.dtype
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    out1 = _round(x1 * cos, dtype) - _round(x2 * sin, dtype)
-    out2 = _round(x2 * cos, dtype) + _round(x1 * sin, dtype)
-    tl.store(dst, out1.to(dtype), mask=mask)
-    tl.store(dst + HALF, out2.to(dtype), mask=mask)
+    out1 = (_round(x1 * cos, dtype) - _round(x2 * sin, dtype)).to(dtype)
+    out2 = (_round(x2 * cos, dtype) + _round(x1 * sin, dtype)).to(dtype)
+    tl.store(dst, out1, mask=mask)
+    tl.store(dst + HALF, out2, mask=mask)
+    if STORE:
+        cached = Cache + heads[:, None].to(tl.int64) * stride_ch + offs_d[None, :]
+        tl.store(cached, out1.to(Cache.dtype.element_ty), mask=mask)
+        tl.store(cached + HALF, out2.to(Cache.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rotary_kernel(Q, K, QOut, KOut, Positions, InvFreq, stride_qt, stride_qh, stride_kt, stride_kh,
-                   stride_qot, stride_qoh, stride_kot, stride_koh,
+def _copy_heads(X, Cache, first_head, num_heads, stride_xh, stride_ch,
+                HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Heads [first_head, first_head + BLOCK_H) of one token's V into its cache row."""
+    heads = first_head + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (heads < num_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x = tl.load(X + heads[:, None].to(tl.int64) * stride_xh + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(Cache + heads[:, None].to(tl.int64) * stride_ch + offs_d[None, :],
+             x.to(Cache.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(Q, K, V, QOut, KOut, KCache, VCache, Rows, Positions, InvFreq,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_qot, stride_qoh, stride_kot, stride_koh, stride_kcr, stride_kch,
+                   stride_vcr, stride_vch,
                    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, NUM_Q_BLOCKS: tl.constexpr,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                   LIBDEVICE: tl.constexpr):
+                   STORE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """Programs of axis 1 below NUM_Q_BLOCKS rotate a block of q heads, the rest a block of k
+    heads (and, with STORE, write those k heads and the same v heads to the token's cache row)."""
     t = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -89,11 +113,17 @@ def _rotary_kernel(Q, K, QOut, KOut, Positions, InvFreq, stride_qt, stride_qh, s
     dtype = Q.dtype.element_ty
     cos, sin = _round(cos, dtype)[None, :], _round(sin, dtype)[None, :]  # [1, BLOCK_D]
     if block < NUM_Q_BLOCKS:
-        _rotate_heads(Q + t * stride_qt, QOut + t * stride_qot, block * BLOCK_H, NUM_Q_HEADS,
-                      stride_qh, stride_qoh, cos, sin, HALF, BLOCK_H, BLOCK_D)
+        _rotate_heads(Q + t * stride_qt, QOut + t * stride_qot, QOut, block * BLOCK_H, NUM_Q_HEADS,
+                      stride_qh, stride_qoh, 0, cos, sin, HALF, BLOCK_H, BLOCK_D, False)
     else:
-        _rotate_heads(K + t * stride_kt, KOut + t * stride_kot, (block - NUM_Q_BLOCKS) * BLOCK_H,
-                      NUM_KV_HEADS, stride_kh, stride_koh, cos, sin, HALF, BLOCK_H, BLOCK_D)
+        first = (block - NUM_Q_BLOCKS) * BLOCK_H
+        row = tl.load(Rows + t).to(tl.int64)  # without STORE, Rows is any int tensor of [T]
+        _rotate_heads(K + t * stride_kt, KOut + t * stride_kot, KCache + row * stride_kcr, first,
+                      NUM_KV_HEADS, stride_kh, stride_koh, stride_kch, cos, sin, HALF, BLOCK_H,
+                      BLOCK_D, STORE)
+        if STORE:
+            _copy_heads(V + t * stride_vt, VCache + row * stride_vcr, first, NUM_KV_HEADS,
+                        stride_vh, stride_vch, 2 * HALF, BLOCK_H, 2 * BLOCK_D)
 
 
 @triton.jit
@@ -139,9 +169,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+              store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
               block_h: int = 8, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, H_q, D], k [T, H_kv, D] (any token/head strides, e.g. views of one qkv projection;
     D contiguous); positions [T] int; inv_freq [D/2] float32. Returns rotated copies, contiguous.
+
+    store = (v [T, H_kv, D], k_cache, v_cache [rows, H_kv, D], rows [T] int): also writes the
+    rotated k and v into the caches at rows (in the caches' dtype), in the same pass.
     block_h (heads per program) and num_warps are tuning knobs."""
     _check(q, "q", 3)
     _check(k, "k", 3)
@@ -159,6 +193,11 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fre
     if inv_freq.shape != (half,) or inv_freq.dtype != torch.float32 or inv_freq.device != q.device:
         raise ValueError(f"inv_freq must be float32 [{half}] on {q.device}, got {inv_freq.dtype} "
                          f"{list(inv_freq.shape)} on {inv_freq.device}")
+    if store is not None:
+        v, k_cache, v_cache, rows = store
+        _check_store(k, v, k_cache, v_cache, rows)
+    else:
+        v, k_cache, v_cache, rows = k, k, k, positions  # never read without STORE
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if t == 0:
@@ -168,12 +207,30 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fre
     num_q_blocks = triton.cdiv(num_q_heads, block_h)
     grid = (t, num_q_blocks + triton.cdiv(num_kv_heads, block_h))
     _rotary_kernel[grid](
-        q, k, q_out, k_out, positions, inv_freq.contiguous(), q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        q, k, v, q_out, k_out, k_cache, v_cache, rows, positions, inv_freq.contiguous(),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, NUM_Q_BLOCKS=num_q_blocks, HALF=half,
-        BLOCK_H=block_h,
-        BLOCK_D=triton.next_power_of_2(half), LIBDEVICE=not _INTERPRETED, num_warps=num_warps)
+        BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half), STORE=store is not None,
+        LIBDEVICE=not _INTERPRETED, num_warps=num_warps)
     return q_out, k_out
+
+
+def _check_store(k, v, k_cache, v_cache, rows) -> None:
+    """What rotary_qk's cache write needs: v like k, caches [rows, H_kv, D], rows [T] int."""
+    _check(v, "v", 3)
+    if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
+        raise ValueError(f"v must be {list(k.shape)} {k.dtype} on {k.device} like k, got "
+                         f"{list(v.shape)} {v.dtype} on {v.device}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check(cache, name, 3)
+        if cache.shape[1:] != k.shape[1:] or cache.device != k.device:
+            raise ValueError(f"{name} must be [rows, {k.shape[1]}, {k.shape[2]}] on {k.device}, "
+                             f"got {list(cache.shape)} on {cache.device}")
+    if rows.shape != (k.shape[0],) or rows.dtype not in (torch.int32, torch.int64) or rows.device != k.device:
+        raise ValueError(f"rows must be int32/int64 [{k.shape[0]}] on {k.device}, got {rows.dtype} "
+                         f"{list(rows.shape)} on {rows.device}")
 
 
 def silu_and_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:

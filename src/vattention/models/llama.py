@@ -3,11 +3,11 @@ laid out as vLLM's: the residual stream is carried beside each layer's output an
 the next norm.
 
     input_ids [T] ─ embed ─> x [T, hidden]          residual = x, x = norm(x)       (layer 0)
-      N x ( qkv_proj ─ rope(q, k) ─ attention ─ o_proj ─ x, residual = add_norm(x, residual)
+      N x ( qkv_proj ─ rope(q, k) + K/V into the cache ─ attention ─ o_proj ─ x, residual = add_norm(x, residual)
             ─ gate_up_proj ─ silu(gate) * up ─ down_proj ─ x, residual = add_norm(x, residual) )
       ─> hidden [T, hidden] (the last add_norm is the final norm);  compute_logits(rows) ─> [rows, vocab]
 
-The norms, rope and silu * up are fused.py's functions: Triton kernels on CUDA, eager PyTorch
+The norms, rope (with the step's K/V cache write) and silu * up are fused.py's functions: Triton kernels on CUDA, eager PyTorch
 elsewhere. q/k/v and gate/up are each one GEMM (MergedLinear): the loader stacks the checkpoint's
 q_proj/k_proj/v_proj and gate_proj/up_proj tensors into qkv_proj and gate_up_proj (loader.py);
 every other module name matches Hugging Face checkpoints. Attention is delegated to a backend with
@@ -24,7 +24,7 @@ rank builds only its slices (sharding.py) and sums partial results where Megatro
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import nn
 
 from ..attention import AttentionMetadata, LayerKV
 from .config import ModelArchConfig
-from .fused import add_rms_norm, rms_norm, rotary_qk, silu_and_mul
+from .fused import add_rms_norm, rms_norm, rotary_cos_sin, rotary_qk_store, silu_and_mul
 from .sharding import Shard
 
 
@@ -123,6 +123,13 @@ def rope_inv_freq(cfg: ModelArchConfig) -> torch.Tensor:
     return inv_freq
 
 
+class Rope(NamedTuple):
+    """What every layer's rotary embedding takes in a step."""
+
+    inv_freq: torch.Tensor  # [D/2] float32
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None  # eager path's tables [T, 1, D]; None on CUDA
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None):
         super().__init__()
@@ -133,11 +140,16 @@ class Attention(nn.Module):
             cfg.hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}, cfg.attention_bias)
         self.o_proj = RowParallelLinear(q_rows, cfg.hidden_size, False, comm)
 
-    def forward(self, x, positions, inv_freq, cache: LayerKV, meta: AttentionMetadata, backend):
+    def forward(self, x, positions, rope, cache: LayerKV, meta: AttentionMetadata, backend):
+        """rope: (inv_freq, the step's eager cos/sin tables or None) -- see Rope below."""
         t, d = x.shape[0], self.head_dim
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)  # views of [T, (H_q + 2 H_kv) * D]
-        q, k = rotary_qk(q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), positions, inv_freq)
-        out = backend.forward(q, k, v.view(t, self.num_kv_heads, d), cache, meta)  # [T, H_q, D]
+        v = v.view(t, self.num_kv_heads, d)
+        # rope(q), rope(k); rope(k) and v stored at the step's cache rows in the same pass
+        q, k = rotary_qk_store(q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v,
+                               positions, rope.inv_freq, cache.k_flat, cache.v_flat, meta.kv_write_index,
+                               rope.cos_sin)
+        out = backend.forward(q, k, v, cache, meta)  # [T, H_q, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -161,10 +173,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, residual, positions, inv_freq, cache, meta, backend):
+    def forward(self, x, residual, positions, rope, cache, meta, backend):
         """-> (this layer's MLP output, the residual stream before it is added)."""
         x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, inv_freq, cache, meta, backend)
+        x = self.self_attn(x, positions, rope, cache, meta, backend)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -195,8 +207,9 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, backend) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         x, residual = self.model.embed_tokens(input_ids), None
+        rope = Rope(self.inv_freq, rotary_cos_sin(positions, self.inv_freq, x.dtype))  # once for all layers
         for layer, cache in zip(self.model.layers, caches):
-            x, residual = layer(x, residual, positions, self.inv_freq, cache, meta, backend)
+            x, residual = layer(x, residual, positions, rope, cache, meta, backend)
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

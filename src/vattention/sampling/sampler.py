@@ -9,8 +9,8 @@ Per row, in this order (vLLM / HF / OpenAI semantics):
 
 Everything runs batched on the logits' device with per-row parameter tensors; the only per-row
 loop is the draw for seeded rows, so that a seeded row's token depends on nothing but its own
-logits, params and generator (not on the other rows or their order). Token ids leave the device
-once, at the end.
+logits, params and generator (not on the other rows or their order). Nothing waits on the device
+until the end, where the chosen ids (and asked-for logprobs) leave it in one transfer per step.
 """
 
 from __future__ import annotations
@@ -87,8 +87,7 @@ class Sampler:
             rows = torch.tensor(sampled, dtype=torch.long, device=logits.device)
             probs = sampling_probs(penalized[rows], [batch.params[i] for i in sampled])
             token_ids[rows] = draw(probs, [batch.generators[i] for i in sampled])
-        logprobs, top_logprobs = _logprobs(raw, token_ids, batch.params)
-        return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
+        return _to_host(raw, token_ids, batch.params)
 
     def sample_isolated(self, logits: torch.Tensor, batch: SamplingBatch
                         ) -> tuple[SamplerOutput, dict[int, Exception]]:
@@ -244,18 +243,23 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
     return counts[:, :vocab]
 
 
-def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
-              ) -> tuple[list[float] | None, list[list[tuple[int, float]]] | None]:
-    """Sampled-token and top logprobs under log_softmax of the raw logits ([num_rows, vocab])."""
+def _to_host(raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
+    """The chosen ids and, for rows that asked, logprobs under log_softmax of the raw logits
+    ([num_rows, vocab]), brought to the host in one transfer: ids, the chosen token's logprob and
+    the top ids and logprobs are packed as columns of one float64 tensor (exact for ids < 2^53 and
+    for every float32 logprob)."""
     wanted = [p.logprobs for p in params]
     if all(n is None for n in wanted):
-        return None, None
+        return SamplerOutput(token_ids.tolist(), None, None)
     logprobs = raw.log_softmax(dim=-1)  # [num_rows, vocab]
-    chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
+    columns = [token_ids[:, None].double(), logprobs.gather(1, token_ids[:, None]).double()]
     max_top = min(max(n or 0 for n in wanted), raw.shape[1])
-    if max_top == 0:
-        return chosen, [[] for _ in params]
-    top_values, top_ids = logprobs.topk(max_top, dim=-1)  # [num_rows, max_top], most likely first
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    top = [list(zip(top_ids[i][:n], top_values[i][:n])) if n else [] for i, n in enumerate(wanted)]
-    return chosen, top
+    if max_top:
+        top_values, top_ids = logprobs.topk(max_top, dim=-1)  # [num_rows, max_top], most likely first
+        columns += [top_ids.double(), top_values.double()]
+    host = torch.cat(columns, dim=1).tolist()  # [num_rows, 2 + 2 * max_top]: the one transfer
+    ids = [int(row[0]) for row in host]
+    chosen = [row[1] for row in host]
+    top = [list(zip(map(int, row[2:2 + n]), row[2 + max_top:2 + max_top + n])) if n else []
+           for row, n in zip(host, wanted)]
+    return SamplerOutput(ids, chosen, top)

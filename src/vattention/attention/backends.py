@@ -2,8 +2,9 @@
 
 All take q [num_tokens, H_q, D], k/v [num_tokens, H_kv, D] for the step's new tokens and return
 [num_tokens, H_q, D]. The caller has stored k/v at meta.kv_write_index first: the model's layer
-does it inside its rotary kernel (models/fused.py rotary_qk_store), anyone else with write_kv. The layer's cache is a LayerKV: flat rows for writing, plus either the
-contiguous views (vattention, static) or the block pool (paged).
+does it inside its rotary kernel (models/fused.py rotary_qk_store), anyone else with write_kv.
+The layer's cache is a LayerKV: flat rows for writing, plus either the contiguous views
+(vattention, static) or the block pool (paged).
 
   contiguous: flash (FA2 varlen reading the virtual tensors), triton (our split-KV decode + FA2
               for prefill), sdpa, reference

@@ -3,15 +3,16 @@ laid out as vLLM's: the residual stream is carried beside each layer's output an
 the next norm.
 
     input_ids [T] ─ embed ─> x [T, hidden]          residual = x, x = norm(x)       (layer 0)
-      N x ( qkv_proj ─ rope(q, k) + K/V into the cache ─ attention ─ o_proj ─ x, residual = add_norm(x, residual)
+      N x ( qkv_proj ─ rope(q, k), K/V into the cache ─ attention ─ o_proj
+            ─ x, residual = add_norm(x, residual)
             ─ gate_up_proj ─ silu(gate) * up ─ down_proj ─ x, residual = add_norm(x, residual) )
       ─> hidden [T, hidden] (the last add_norm is the final norm);  compute_logits(rows) ─> [rows, vocab]
 
-The norms, rope (with the step's K/V cache write) and silu * up are fused.py's functions: Triton kernels on CUDA, eager PyTorch
-elsewhere. q/k/v and gate/up are each one GEMM (MergedLinear): the loader stacks the checkpoint's
-q_proj/k_proj/v_proj and gate_proj/up_proj tensors into qkv_proj and gate_up_proj (loader.py);
-every other module name matches Hugging Face checkpoints. Attention is delegated to a backend with
-the layer's KV cache and the step's metadata.
+The norms, rope (with the step's K/V cache write) and silu * up are fused.py's functions: Triton
+kernels on CUDA, eager PyTorch elsewhere. q/k/v and gate/up are each one GEMM (MergedLinear): the
+loader stacks the checkpoint's q_proj/k_proj/v_proj and gate_proj/up_proj tensors into qkv_proj
+and gate_up_proj (loader.py); every other module name matches Hugging Face checkpoints. Attention
+is delegated to a backend with the layer's KV cache and the step's metadata.
 
 Under tensor parallelism (a Shard of more than one rank, plus `comm` for the collectives) each
 rank builds only its slices (sharding.py) and sums partial results where Megatron does:
@@ -141,7 +142,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(q_rows, cfg.hidden_size, False, comm)
 
     def forward(self, x, positions, rope, cache: LayerKV, meta: AttentionMetadata, backend):
-        """rope: (inv_freq, the step's eager cos/sin tables or None) -- see Rope below."""
+        """rope: the step's Rope (inv_freq, and the eager path's cos/sin tables or None)."""
         t, d = x.shape[0], self.head_dim
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)  # views of [T, (H_q + 2 H_kv) * D]
         v = v.view(t, self.num_kv_heads, d)

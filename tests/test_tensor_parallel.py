@@ -156,7 +156,7 @@ def _torchrun_rank(rank: int, port: int, path: str, fault: str, results) -> None
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     from vattention.engine import runner as runner_module
-    from vattention.engine import kv_vattention
+    from vattention.kv import vattention as kv_vattention
     if rank == 1 and fault == "forward":
         real_forward = runner_module.ModelRunner.forward
         calls = []

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..engine.kv_manager import KVManager, make_kv_manager
+from ..kv import KVManager, make_kv_manager
 from ..engine.request import Request
 from ..engine.scheduler import Scheduler
 from ..memory import KVCacheSpec

@@ -26,7 +26,7 @@ from ..outputs import RequestOutput
 from ..sampling import Sampler
 from ..sampling_params import SamplingParams
 from .graphs import DecodeGraphs, use_graphs
-from .kv_manager import make_kv_manager
+from ..kv import make_kv_manager
 from .output_processor import OutputProcessor, make_request_output
 from .request import Request
 from .runner import ModelRunner, StepResult

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from ..attention import AttentionMetadata
-from .kv_manager import KVManager
+from ..kv import KVManager
 
 GRAPH_BACKENDS = ("flash", "triton")  # CUDA backends whose decode path reads only device tensors
 

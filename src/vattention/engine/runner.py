@@ -16,7 +16,7 @@ import torch
 
 from ..sampling import Sampler, SamplingBatch
 from .graphs import DecodeGraphs
-from .kv_manager import KVManager
+from ..kv import KVManager
 from .scheduler import SchedulerOutput
 
 

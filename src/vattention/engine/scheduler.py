@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .kv_manager import KVManager
+from ..kv import KVManager
 from .request import Request, RequestStatus
 
 

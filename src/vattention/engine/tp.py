@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..distributed import TPGroup, WorkerProcesses, init_group, local_store, torchrun_env
-from .kv_manager import KVManager, KVUsage
+from ..kv import KVManager, KVUsage
 from .runner import StepInputs
 
 REAP_WAIT_S = 5.0  # how long rank 0's error waits for a worker that has ended to be reaped

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..config import EngineConfig
 from ..engine import LLMEngine
-from ..engine.kv_manager import KVUsage
+from ..kv import KVUsage
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .limits import release_freed_memory

@@ -8,7 +8,7 @@ import torch
 
 from ..attention import AttentionMetadata, LayerKV, build_contiguous_metadata
 from ..memory import KVCacheSpec
-from .kv_manager import KVUsage
+from .base import KVUsage
 
 
 class StaticKVManager:

@@ -10,7 +10,7 @@ import torch
 
 from ..attention import AttentionMetadata, LayerKV, build_paged_metadata
 from ..memory import KVCacheSpec
-from .kv_manager import KVUsage
+from .base import KVUsage
 
 
 class PagedKVManager:

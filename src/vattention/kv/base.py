@@ -1,11 +1,4 @@
-"""KV managers: where each request's KV lives. The scheduler asks "can this request hold n
-tokens?" (allocate); the runner asks for the step's attention metadata and the layer tensors.
-Three designs sit behind this one interface, so they can be compared in one engine:
-
-  vattention  slots of contiguous virtual tensors, physical pages mapped on demand (kv_vattention.py)
-  paged       a vLLM-style pool of fixed-size blocks and per-request block tables (kv_paged.py)
-  static      max_model_len reserved per admitted request up front, ordinary memory (kv_static.py)
-"""
+"""The KVManager protocol every KV design implements, and KVUsage, the snapshot they report."""
 
 from __future__ import annotations
 
@@ -61,18 +54,3 @@ class KVManager(Protocol):
     def usage(self) -> KVUsage: ...
 
     def close(self) -> None: ...
-
-
-def make_kv_manager(kind: str, spec: KVCacheSpec, device: torch.device, budget_bytes: int,
-                    page_size: int | None = None, eager_cushion_groups: int = 1,
-                    block_size: int = 16) -> KVManager:
-    if kind == "vattention":
-        from .kv_vattention import VAttentionKVManager
-        return VAttentionKVManager(spec, device, budget_bytes, page_size, eager_cushion_groups)
-    if kind == "paged":
-        from .kv_paged import PagedKVManager
-        return PagedKVManager(spec, device, budget_bytes, block_size)
-    if kind == "static":
-        from .kv_static import StaticKVManager
-        return StaticKVManager(spec, device, budget_bytes)
-    raise ValueError(f"unknown kv_cache {kind!r}; choose vattention, paged or static")

@@ -11,7 +11,7 @@ import torch
 
 from ..attention import AttentionMetadata, LayerKV, build_contiguous_metadata
 from ..memory import KVCacheSpec, VirtualKVCache
-from .kv_manager import KVUsage
+from .base import KVUsage
 
 
 class VAttentionKVManager:

@@ -1,0 +1,35 @@
+"""KV managers: where each request's KV lives. The scheduler asks "can this request hold n
+tokens?" (allocate); the runner asks for the step's attention metadata and the layer tensors.
+Three designs sit behind one typed protocol (base.KVManager), so they can be compared in one engine:
+
+  vattention  slots of contiguous virtual tensors, physical pages mapped on demand (vattention.py)
+  paged       a vLLM-style pool of fixed-size blocks and per-request block tables (paged.py)
+  static      max_model_len reserved per admitted request up front, ordinary memory (static.py)
+
+Nothing here imports the engine: the scheduler and runner (engine/) use these, never the reverse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..memory import KVCacheSpec
+from .base import KVManager, KVUsage
+from .paged import PagedKVManager
+from .static import StaticKVManager
+from .vattention import VAttentionKVManager
+
+__all__ = ["KVManager", "KVUsage", "VAttentionKVManager", "PagedKVManager", "StaticKVManager",
+           "make_kv_manager"]
+
+
+def make_kv_manager(kind: str, spec: KVCacheSpec, device: torch.device, budget_bytes: int,
+                    page_size: int | None = None, eager_cushion_groups: int = 1,
+                    block_size: int = 16) -> KVManager:
+    if kind == "vattention":
+        return VAttentionKVManager(spec, device, budget_bytes, page_size, eager_cushion_groups)
+    if kind == "paged":
+        return PagedKVManager(spec, device, budget_bytes, block_size)
+    if kind == "static":
+        return StaticKVManager(spec, device, budget_bytes)
+    raise ValueError(f"unknown kv_cache {kind!r}; choose vattention, paged or static")

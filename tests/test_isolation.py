@@ -43,6 +43,16 @@ def reference(path, kv_cache: str) -> list[tuple[list[int], list[float] | None]]
     return [_tokens_and_logprobs(o) for o in outs]
 
 
+def assert_same_outputs(got, want) -> None:
+    """Tokens exactly; logprobs to float32 rounding (a batch of another size may block its
+    matmuls differently, so the last bits of a logit can change with the batch around it)."""
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want], "a bystander's output changed"
+    for (_, a), (_, b) in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a == pytest.approx(b, abs=1e-5), "a bystander's logprobs changed"
+
+
 def _tokens_and_logprobs(out):
     c = out.outputs[0]
     return c.token_ids, None if c.logprobs is None else [lp.logprob for lp in c.logprobs]
@@ -83,7 +93,7 @@ def test_a_failure_in_one_requests_sampling_finishes_only_that_request(path, kv_
     llm = make_llm(path, kv_cache=kv_cache)
     llm.engine.runner.sampler = PoisonedSampler()
     bystanders, poison = run_with_poison(llm)
-    assert [_tokens_and_logprobs(o) for o in bystanders] == want, "a bystander's output changed"
+    assert_same_outputs([_tokens_and_logprobs(o) for o in bystanders], want)
     assert all(o.outputs[0].finish_reason == "length" for o in bystanders)
     failed = poison.outputs[0]
     assert failed.finish_reason == "error" and "injected sampling failure" in failed.error
@@ -119,7 +129,7 @@ def test_a_failure_in_one_requests_kv_growth_finishes_only_that_request(path, kv
 
     llm.engine.add_request = add_marking_the_poison
     bystanders, poison = run_with_poison(llm)
-    assert [_tokens_and_logprobs(o) for o in bystanders] == want, "a bystander's output changed"
+    assert_same_outputs([_tokens_and_logprobs(o) for o in bystanders], want)
     failed = poison.outputs[0]
     assert failed.finish_reason == "error"
     assert "KV allocation of 7 tokens failed" in failed.error and "injected failure" in failed.error
@@ -141,7 +151,7 @@ def test_a_failure_in_one_requests_output_processing_finishes_only_that_request(
 
     processor.append = failing_append
     bystanders, poison = run_with_poison(llm)
-    assert [_tokens_and_logprobs(o) for o in bystanders] == want
+    assert_same_outputs([_tokens_and_logprobs(o) for o in bystanders], want)
     assert "processing its output failed: UnicodeDecodeError" in poison.outputs[0].error
     assert_engine_clean(llm)
     llm.close()

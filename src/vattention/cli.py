@@ -17,7 +17,7 @@ from .config import ENGINE_CONFIGS
 from .sampling_params import SamplingParams
 from .server.cli import add_serve_args, run_serve
 
-CHAT_SKIP = ("n", "logprobs")
+CHAT_SKIP = ("n", "logprobs", "output_kind")
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
                      help="wrap the prompt as a user message in the model's chat template, if any")
-    add_dataclass_args(gen, SamplingParams, only_given=True)
+    add_dataclass_args(gen, SamplingParams, skip=("output_kind",), only_given=True)
     _add_engine_args(gen)
 
     chat = sub.add_parser("chat", help="talk to the model (empty line or Ctrl-D ends)")

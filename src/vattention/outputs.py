@@ -1,8 +1,23 @@
-"""What generate() returns: one RequestOutput per prompt, one CompletionOutput per sample."""
+"""What generate() returns: one RequestOutput per prompt, one CompletionOutput per sample.
+
+How much an output holds is the request's SamplingParams.output_kind:
+  CUMULATIVE  each step's output holds everything generated so far (text, token_ids, logprobs)
+  DELTA       each output holds only what is new since the request's previous output; the text
+              of a delta is final (never retracted: text a stop string could still cut is held
+              back until it cannot), so the concatenated deltas equal the final text
+  FINAL_ONLY  one output, when the request finishes, holding everything (LLM.generate's kind)
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.Enum):
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass
@@ -17,13 +32,14 @@ class Logprob:
 @dataclass
 class CompletionOutput:
     index: int  # which of the n samples
-    text: str  # generated text (stop string removed)
-    token_ids: list[int]  # generated tokens
+    text: str  # generated text (stop string removed); with DELTA, only the new part
+    token_ids: list[int]  # generated tokens; with DELTA, only the new ones
     finish_reason: str | None = None  # "stop" (EOS, stop string or stop token), "length", "abort", "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[Logprob] | None = None  # per token: the sampled one (when requested)
     top_logprobs: list[list[Logprob]] | None = None  # per token: the most likely ones
     error: str | None = None  # why this sample failed (finish_reason "error"); other requests are unaffected
+    num_tokens: int = 0  # tokens generated so far in all (the same as len(token_ids) unless DELTA)
 
     @property
     def finished(self) -> bool:
@@ -35,8 +51,9 @@ class RequestOutput:
     request_id: str
     prompt: str | None  # the prompt text, when given as text
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)
+    outputs: list[CompletionOutput] = field(default_factory=list)  # DELTA: only the samples that progressed
     finished: bool = False
+    num_cached_tokens: int = 0  # prompt tokens whose KV was reused instead of computed
 
     @property
     def error(self) -> str | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .outputs import RequestOutputKind
+
 # Seeds are 64-bit signed integers, as OpenAI and vLLM take them; sample i of n draws from seed + i,
 # which torch's generators accept up to 2**64 - 1.
 MIN_SEED, MAX_SEED = -(1 << 63), (1 << 63) - 1
@@ -30,6 +32,7 @@ class SamplingParams:
     logprobs: int | None = None  # return the sampled token's logprob and this many top ones
     skip_special_tokens: bool = True  # leave special tokens out of the text
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before choosing, in [-100, 100] (OpenAI rule; logprobs stay the model's)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each output holds: everything so far, only what is new, or one output at the end (outputs.py)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -39,6 +42,7 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.logit_bias = dict(self.logit_bias or {})
+        self.output_kind = RequestOutputKind(self.output_kind)  # also takes its value, e.g. "delta"
         checks = [
             (isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1"),
             (_finite(self.temperature) and self.temperature >= 0,

@@ -31,6 +31,8 @@ from .output_processor import OutputProcessor, make_request_output
 from .request import Request
 from .runner import ModelRunner, StepResult
 from .scheduler import Scheduler
+from .stats import EngineStats, StepTiming
+from .validation import RequestLimits
 from .tp import Coordinator, RecordingKV, TensorParallelError, start_group
 
 GIB = 1 << 30
@@ -132,6 +134,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, sc.max_num_seqs, sc.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.max_request_tokens = min(self.max_model_len, self.kv.max_tokens_per_request)
+        self.limits = RequestLimits(self.max_model_len, self.max_request_tokens, arch.vocab_size,
+                                    self.tokenizer.max_chars_per_token if self.tokenizer is not None else None)
+        self.last_step: StepTiming | None = None
         self._groups: dict[str, list[Request]] = {}  # request id -> its n samples
         self._ids = itertools.count()
         self.peak_bytes_used = 0  # most KV bytes holding tokens after any step
@@ -153,16 +158,9 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids, text = self._tokenize(prompt)
-        room = self.max_request_tokens - len(prompt_ids)
-        if room < 1:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this engine can hold at most "
-                             f"{self.max_request_tokens - 1} prompt tokens (context {self.max_model_len})")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        outside = sorted(t for t in params.logit_bias if t >= vocab)
-        if outside:
-            raise ValueError(f"logit_bias names token ids outside the vocabulary [0, {vocab}): {outside[:5]}")
+        self.limits.check_prompt(prompt_ids)
+        self.limits.check_params(params)
+        room = self.limits.room(len(prompt_ids))
         max_tokens = min(params.max_tokens or room, room)
         group = []
         for i in range(params.n):
@@ -181,12 +179,11 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass prompt token ids")
+            self.limits.check_text_length(len(prompt))
             ids = self.tokenizer.encode(prompt)
             text = prompt
         else:
             ids, text = list(prompt), None
-        if not ids:
-            raise ValueError("the prompt is empty")
         return ids, text
 
     def abort(self, request_id: str) -> None:
@@ -197,6 +194,15 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        """The engine's state now: queue lengths, KV memory, the latest step's timing."""
+        s = self.scheduler
+        running = s.running
+        return EngineStats(num_running=len(running), num_waiting=len(s.waiting),
+                           num_decoding=sum(r.num_computed_tokens >= len(r.prompt_token_ids) for r in running),
+                           num_context_tokens=sum(r.num_computed_tokens for r in running),
+                           num_preemptions=s.num_preemptions, kv=self.kv.usage(), last_step=self.last_step)
 
     # ---- the loop ---------------------------------------------------------------------------
 

@@ -102,6 +102,19 @@ def check(cache: VirtualKVCache, slot: int, tag: int, end: int) -> None:
                                       f"!= {want[tuple(bad[0])]}")
 
 
+def assert_stats_match_recount(cache: VirtualKVCache) -> None:
+    """stats()'s running totals equal a from-scratch recount over the slots."""
+    with cache._lock:  # re-entrant: stats() takes it again
+        slots, st = cache._slots, cache.stats()
+        groups = sum(len(s.groups) for s in slots)
+        want = dict(pages_mapped=groups * cache.layout.num_tensors + len(cache._lost),
+                    bytes_used=sum(s.num_tokens for s in slots if s.busy) * cache.spec.bytes_per_token,
+                    num_slots_busy=sum(s.busy for s in slots),
+                    num_slots_idle_mapped=sum(1 for s in slots if not s.busy and s.groups))
+    got = {name: getattr(st, name) for name in want}
+    assert got == want, f"running totals {got} != recount {want}"
+
+
 @pytest.fixture(params=["cross_layer", "per_layer"])
 def layout(request) -> str:
     return request.param

@@ -9,11 +9,14 @@ import pytest
 
 from vattention.memory import DriverError, VirtualKVCache
 
-from conftest import FaultyDriver, check, fill, make_cache, new_driver, on_cuda, small_spec
+from conftest import (FaultyDriver, assert_stats_match_recount, check, fill, make_cache, new_driver,
+                      on_cuda, small_spec)
 
 
 def assert_balanced(cache: VirtualKVCache) -> None:
-    """Pages mapped per the cache == live mappings per the driver; pool + mapped == budget."""
+    """Pages mapped per the cache == live mappings per the driver; pool + mapped == budget;
+    the running totals == a recount over the slots."""
+    assert_stats_match_recount(cache)
     st = cache.stats()
     assert st.pages_mapped == cache.driver.num_live_mappings, (st, cache.driver.num_live_mappings)
     assert st.pages_mapped + st.pages_free == st.pages_total, st
@@ -194,6 +197,30 @@ def test_failed_reclamation_unmap_leaks_no_page():
     driver.fail_after["unmap"] = driver.calls.get("unmap", 0) + 2
     with pytest.raises(DriverError, match="unmap"):
         cache.ensure(a, 12000)
+    assert_balanced(cache)
+    del driver.fail_after["unmap"]
+    cache.close()
+    assert driver.num_live_handles == 0 and driver.num_live_mappings == 0
+
+
+def test_failed_reclamation_gives_unreached_victims_their_groups_back():
+    """Reclaiming two idle slots, the first unmap fails: the second victim, never unmapped, keeps
+    every group it had, and the running totals still equal a recount."""
+    driver = FaultyDriver()
+    spec = small_spec("cross_layer", max_seq_len=12000)
+    with make_cache(spec=spec, budget_pages=None, eager_cushion_groups=0) as probe:
+        groups = probe.layout.pages_per_slot
+    cache = make_cache(spec=spec, budget_pages=groups, driver=driver, eager_cushion_groups=0)
+    big, small, a = cache.alloc_slot(), cache.alloc_slot(), cache.alloc_slot()
+    assert cache.ensure(big, 6000) and cache.ensure(small, 3000)
+    kept = cache.slot_capacity(small)
+    cache.free(big)
+    cache.free(small)
+    driver.fail_after["unmap"] = driver.calls.get("unmap", 0)  # the first victim's first unmap
+    with pytest.raises(DriverError, match="unmap"):
+        cache.ensure(a, 12000)
+    assert cache.slot_capacity(small) == kept and cache.slot_capacity(big) == 0
+    assert cache.stats().num_slots_idle_mapped == 1
     assert_balanced(cache)
     del driver.fail_after["unmap"]
     cache.close()

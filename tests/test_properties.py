@@ -1,6 +1,6 @@
 """Property-based tests: random sequences of alloc/ensure/free/prepare/wait/trim keep every
-invariant (no page mapped twice, accounting balances, budget never exceeded, data intact,
-everything returned after close)."""
+invariant (no page mapped twice, accounting balances, running totals equal a recount, budget
+never exceeded, data intact, everything returned after close)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from vattention.memory import KVCacheSpec, VirtualKVCache
 
-from conftest import check, fill, new_driver, on_cuda
+from conftest import assert_stats_match_recount, check, fill, new_driver, on_cuda
 
 PAGE = 4096  # the smallest host page: many page groups per slot with a tiny spec
 HEADS, DIM = (8, 128) if on_cuda else (1, 4)  # on 2 MiB CUDA pages, real heads give many groups
@@ -100,6 +100,11 @@ class CacheMachine(RuleBasedStateMachine):
                 assert c.layout.tokens_in(len(c._slots[slot].groups)) >= n or c._slots[slot].inflight
 
     @invariant()
+    def totals_equal_a_recount(self):
+        if hasattr(self, "cache"):
+            assert_stats_match_recount(self.cache)
+
+    @invariant()
     def data_intact(self):
         if not hasattr(self, "cache"):
             return
@@ -112,6 +117,7 @@ class CacheMachine(RuleBasedStateMachine):
         if not hasattr(self, "cache"):
             return
         self.cache.close()
+        assert_stats_match_recount(self.cache)
         assert self.driver.num_live_handles == 0, "pages not released at close"
         assert self.driver.num_live_mappings == 0, "pages still mapped after close"
         assert self.driver.num_live_reservations == 0, "reservation not freed at close"

@@ -3,7 +3,8 @@
     alloc_slot / free     which slot a request owns (best fit over still-mapped pages)
     ensure / prepare      how many tokens a slot must hold: now (blocking) or next step (background)
     kv / kv_flat          the virtual tensors, plain strided torch views, built once
-    stats / trim / close  what is mapped, give memory back, tear down
+    stats / trim / close  what is mapped (running totals, no walk over the slots), give memory
+                          back, tear down
 
 One lock guards every slot and the pool. Planning (which handles go where, which slot gives up
 pages) happens under it; driver calls happen outside it, on a job whose slot is marked inflight.
@@ -23,7 +24,7 @@ from .drivers import make_driver
 from .drivers.base import Driver, DriverError
 from .mapper import BackgroundMapper
 from .pool import PagePool
-from .slots import MapJob, Slot, Unmap, pick_slot, pick_victims
+from .slots import MapJob, Slot, SlotTotals, Unmap, pick_slot, pick_victims
 from .spec import KVCacheSpec, KVLayout
 from .stats import CacheStats, MapCounters
 
@@ -75,6 +76,7 @@ class VirtualKVCache:
                              f"{self.page_size}); raise the budget or use layout='cross_layer'")
         self._lock = threading.Condition()
         self._slots = [Slot(i) for i in range(spec.max_seqs)]
+        self._totals = SlotTotals()  # changes every slot's busy/num_tokens/groups, sums them as it goes
         self._counters = MapCounters()
         self._pending: dict[int, int] = {}  # slot -> tokens to map in the background (FIFO)
         self._num_background_jobs = 0  # jobs the mapper thread is executing now
@@ -105,7 +107,7 @@ class VirtualKVCache:
             slot = pick_slot(self._slots, want)
             if slot is None:
                 return None
-            slot.busy, slot.num_tokens, slot.reserved_groups = True, 0, 0
+            self._totals.claim(slot)
             return slot.index
 
     def free(self, slot: int) -> None:
@@ -113,7 +115,7 @@ class VirtualKVCache:
         fence = self.driver.fence()  # device work issued so far may still read these pages
         with self._lock:
             s = self._busy_slot(slot)
-            s.busy, s.num_tokens, s.reserved_groups, s.fence = False, 0, 0, fence
+            self._totals.release(s, fence)
             self._pending.pop(s.index, None)
 
     # ---- growth -----------------------------------------------------------------------------
@@ -146,7 +148,7 @@ class VirtualKVCache:
         if job is not None:
             self._execute(job)
         with self._lock:
-            s.num_tokens = num_tokens
+            self._totals.set_tokens(s, num_tokens)
             # Eager cushion: map ahead for the next token (a page may hold less than one token)
             # plus the cushion, in the background, so the next ensure() finds its pages ready.
             following = min(num_tokens + 1, self.spec.max_seq_len)
@@ -216,14 +218,13 @@ class VirtualKVCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            mapped = sum(len(s.groups) for s in self._slots) * self.layout.num_tensors + len(self._lost)
-            used = sum(s.num_tokens for s in self._slots if s.busy) * self.spec.bytes_per_token
+            t = self._totals
+            mapped = t.num_groups * self.layout.num_tensors + len(self._lost)
             return CacheStats(
                 page_size=self.page_size, pages_total=self._pool.num_pages, pages_mapped=mapped,
                 pages_free=self._pool.num_available, pages_created=self._pool.num_created,
-                bytes_mapped=mapped * self.page_size, bytes_used=used,
-                num_slots_busy=sum(s.busy for s in self._slots),
-                num_slots_idle_mapped=sum(1 for s in self._slots if not s.busy and s.groups),
+                bytes_mapped=mapped * self.page_size, bytes_used=t.num_tokens * self.spec.bytes_per_token,
+                num_slots_busy=t.num_busy, num_slots_idle_mapped=t.num_idle_mapped,
                 counters=replace(self._counters))
 
     def slot_capacity(self, slot: int) -> int:
@@ -240,8 +241,7 @@ class VirtualKVCache:
             for s in self._slots:
                 if not s.busy and s.groups:
                     self._unmap_groups(Unmap(s, 0, s.groups, s.fence))
-                    self._pool.give([h for g in s.groups for h in g])
-                    s.groups = []
+                    self._pool.give([h for g in self._totals.cut_groups(s, 0) for h in g])
             return self._pool.trim() * self.page_size
 
     def close(self) -> None:
@@ -269,7 +269,7 @@ class VirtualKVCache:
                     self._pool.give([h for g in s.groups for h in g])
                 except DriverError as e:
                     errors.append(e)
-                s.groups = []
+                self._totals.cut_groups(s, 0)
             for addr, handle in self._lost:
                 try:
                     self.driver.unmap(addr)
@@ -317,9 +317,9 @@ class VirtualKVCache:
                 reclaimed: list[Any] = []
                 for victim, k in victims:
                     first = len(victim.groups) - k
-                    unmaps.append(Unmap(victim, first, victim.groups[first:], victim.fence))
-                    reclaimed += [h for g in victim.groups[first:] for h in g]
-                    del victim.groups[first:]
+                    cut = self._totals.cut_groups(victim, first)
+                    unmaps.append(Unmap(victim, first, cut, victim.fence))
+                    reclaimed += [h for g in cut for h in g]
                     victim.inflight = True
                 handles += reclaimed[:deficit]
                 spare = reclaimed[deficit:]
@@ -406,7 +406,7 @@ class VirtualKVCache:
             self._roll_back(job, mapped, num_unmaps_done)
             raise
         with self._lock:
-            s.groups.extend(job.groups)
+            self._totals.append_groups(s, job.groups)
             self._pool.give(job.spare)
             s.inflight = False
             c = self._counters
@@ -431,7 +431,7 @@ class VirtualKVCache:
         with self._lock:
             keep = {id(h) for _, h in self._lost}
             for u in job.unmaps[num_unmaps_done + 1:]:
-                u.slot.groups.extend(u.groups)  # never unmapped: still where they were
+                self._totals.append_groups(u.slot, u.groups)  # never unmapped: still where they were
                 keep |= {id(h) for g in u.groups for h in g}
             for u in job.unmaps[num_unmaps_done:]:
                 u.slot.inflight = False

@@ -3,6 +3,8 @@
 A slot's mapped pages are always a prefix of page groups [0, len(groups)). Growth appends groups;
 reclamation takes groups off the tail. Whoever sets `inflight` owns the tail until it clears it,
 so the caller's thread and the background mapper never plan on the same slot at once.
+SlotTotals is the only code that changes a slot's busy, num_tokens or groups, so the sums it
+keeps (what stats() reports) never need a walk over every slot.
 """
 
 from __future__ import annotations
@@ -27,6 +29,51 @@ class Slot:
         if self.inflight:
             return 0
         return len(self.groups) - (self.reserved_groups if self.busy else 0)
+
+
+@dataclass
+class SlotTotals:
+    """Running sums over every slot, updated by the only methods that change a slot's busy,
+    num_tokens or groups (called under the cache's lock): stats() reads them in O(1)."""
+
+    num_groups: int = 0  # groups mapped into some slot, busy or idle
+    num_tokens: int = 0  # tokens the busy slots hold
+    num_busy: int = 0  # slots allocated to a request
+    num_idle_mapped: int = 0  # free slots still holding groups (deferred reclamation)
+
+    def claim(self, s: Slot) -> None:
+        """Allocate free slot `s`, holding no tokens yet."""
+        self.num_busy += 1
+        self.num_idle_mapped -= bool(s.groups)
+        s.busy, s.num_tokens, s.reserved_groups = True, 0, 0
+
+    def release(self, s: Slot, fence: Any) -> None:
+        """Free busy slot `s`; its groups stay mapped."""
+        self.num_busy -= 1
+        self.num_tokens -= s.num_tokens
+        self.num_idle_mapped += bool(s.groups)
+        s.busy, s.num_tokens, s.reserved_groups, s.fence = False, 0, 0, fence
+
+    def set_tokens(self, s: Slot, num_tokens: int) -> None:
+        if s.busy:
+            self.num_tokens += num_tokens - s.num_tokens
+        s.num_tokens = num_tokens
+
+    def append_groups(self, s: Slot, groups: list[list[Any]]) -> None:
+        """Growth (or a rollback putting groups back): `groups` go on the tail."""
+        if groups and not s.busy and not s.groups:
+            self.num_idle_mapped += 1
+        self.num_groups += len(groups)
+        s.groups.extend(groups)
+
+    def cut_groups(self, s: Slot, first: int) -> list[list[Any]]:
+        """Reclamation, trim or close: take groups [first, len) off the tail and return them."""
+        cut = s.groups[first:]
+        del s.groups[first:]
+        self.num_groups -= len(cut)
+        if cut and not s.busy and not s.groups:
+            self.num_idle_mapped -= 1
+        return cut
 
 
 @dataclass

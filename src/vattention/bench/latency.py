@@ -6,18 +6,29 @@
 For each KV design in turn (one LLM, closed and freed before the next) and each batch size B:
 submit B requests of --input-len random tokens (greedy, ignore_eos, max_tokens enough for what
 follows), step until every request has finished its prompt, run --warmup-steps decode steps,
-time --decode-steps steps of exactly B sequences x B tokens (engine.step(), synchronized on
-CUDA), profile --profile-steps more, then abort the batch.
+then --decode-steps steps of exactly B sequences x B tokens three times: back to back, each
+between two synchronizes, and under the profiler; then abort the batch. Back to back is what
+serving does: the engine launches step N before collecting step N-1's tokens, so host work
+overlaps the device's; a synchronize around every step would undo that.
 
-  wall ms       median engine.step() wall time over the timed steps (host work included)
+  wall ms       wall time of the back-to-back steps / the steps (synchronized before and after)
+  synced ms     median engine.step() wall time with a synchronize before and after each step:
+                no overlap, host and device time add up
+  host ms       mean host time per back-to-back step (engine.last_step.host_s: scheduling,
+                inputs, launches, outputs; not waiting for the device); "-" where not reported
   GPU busy ms   device time of every kernel and copy in the profiled steps (torch.profiler, CUDA
                 activity) / the steps; "-" on CPU
+  wall/busy     wall / GPU busy: 1 when the device never waits for the host
   roofline ms   (weight bytes + KV bytes read) / copy bandwidth: the least time a step can take
                   weight bytes   every parameter once (tied embeddings once; the rank's shard under TP)
                   KV bytes read  B x mean context length x bytes per token (all layers' K and V)
                   copy bandwidth bytes read + written per second by one large copy within the
                                  device, measured here (median of several; a host memcpy on CPU)
   of busy, of wall   roofline / GPU busy and roofline / wall: the share of the bound reached
+
+Every measured step is checked to have scheduled B sequences of one token each (engine.stats()
+before and after; engine.last_step of each step). JSON from before the overlapped loop has no
+synced or host time, and its wall_ms is the synchronized median.
 
 Designs: --kv-caches takes KIND[:BACKEND] entries (vattention:flash, paged:triton); an entry
 without a backend uses --attention-backend. Also reported: each design's start time (LLM(...)
@@ -35,6 +46,7 @@ import statistics
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,6 +55,9 @@ from ..config import ENGINE_CONFIGS
 from ..sampling_params import SamplingParams
 from .kernels import gpu_tag
 from .report import copy_bandwidth, device_name, free_device_memory, print_table, share, write_json
+
+if TYPE_CHECKING:
+    from ..engine.stats import EngineStats, StepTiming
 
 MIB = 1 << 20
 TOP_KERNELS = 8
@@ -110,9 +125,7 @@ def run_design(design: dict, ns: argparse.Namespace, bandwidth: float) -> tuple[
     llm = LLM(**{**kwargs, **design})
     engine = llm.engine
     _sync(engine)
-    record = {"design": label(design), **design, "start_s": time.perf_counter() - start,
-              "attention_backend_used": engine.runner.backend.name,
-              "cuda_graphs": engine.runner.graphs is not None,
+    record = {"design": label(design), **design, "start_s": time.perf_counter() - start, **_runner_info(engine),
               "weight_bytes": weight_bytes(engine.model), "kv_bytes_per_token": kv_bytes_per_token(engine)}
     rows, rng = [], random.Random(ns.seed)
     try:
@@ -137,66 +150,107 @@ def run_design(design: dict, ns: argparse.Namespace, bandwidth: float) -> tuple[
     return record, rows
 
 
+def _runner_info(engine) -> dict:
+    """What the design runs on, for the report: the attention backend and whether decode steps
+    replay CUDA graphs (the only reads of the runner)."""
+    return {"attention_backend_used": engine.runner.backend.name, "cuda_graphs": engine.runner.graphs is not None}
+
+
 def measure_batch(engine, batch: int, ns: argparse.Namespace, rng: random.Random) -> dict:
-    """Wall times of decode-only steps of exactly `batch` sequences, then their kernels' time."""
-    scheduler = engine.scheduler
+    """Wall and host times of decode-only steps of exactly `batch` sequences, then their kernels' time."""
+    limits = engine.limits
     prefill_steps = -(-batch * ns.input_len // engine.config.scheduler.max_num_batched_tokens)
     # The first requests decode while the others prefill, and their decode tokens take some of the
     # step's budget: twice the bare prefill steps leaves room for both.
     max_prefill_steps = 2 * prefill_steps + SPARE_TOKENS
-    max_tokens = max_prefill_steps + ns.warmup_steps + ns.decode_steps + ns.profile_steps + SPARE_TOKENS
-    if ns.input_len + max_tokens > engine.max_request_tokens:
+    max_tokens = (max_prefill_steps + ns.warmup_steps + 2 * ns.decode_steps + ns.profile_steps
+                  + SPARE_TOKENS)
+    if ns.input_len + max_tokens > limits.max_request_tokens:
         raise ValueError(f"{ns.input_len} prompt + {max_tokens} output tokens exceed what a request may "
-                         f"hold ({engine.max_request_tokens}); raise --max-model-len or lower --input-len")
-    vocab = engine.model.config.vocab_size
+                         f"hold ({limits.max_request_tokens}); raise --max-model-len or lower --input-len")
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    ids = [engine.add_request([rng.randrange(vocab) for _ in range(ns.input_len)], params)
+    ids = [engine.add_request([rng.randrange(limits.vocab_size) for _ in range(ns.input_len)], params)
            for _ in range(batch)]
     try:
-        num_steps = 0
-        while not _all_decoding(scheduler, batch):
-            if num_steps == max_prefill_steps:
-                raise RuntimeError(f"the {batch} requests were not all decoding after {num_steps} steps; "
-                                   f"the KV cache may hold fewer (raise --kv-cache-memory-gib)")
-            engine.step()
-            num_steps += 1
-        for _ in range(ns.warmup_steps):
-            engine.step()
-        seconds, context_tokens, shapes = [], [], set()
-        for _ in range(ns.decode_steps):
-            tokens = sum(r.num_computed_tokens + 1 for r in scheduler.running)  # read once written
-            _sync(engine)
-            t0 = time.perf_counter()
-            engine.step()
-            _sync(engine)
-            seconds.append(time.perf_counter() - t0)
-            context_tokens.append(tokens)
-            shapes.add(engine.last_step_shape)
-            _check_shape(engine, batch)
-        busy_ms, kernels = profile_steps(engine, batch, ns.profile_steps)
+        num_steps = _prefill(engine, batch, max_prefill_steps)
+        _run_steps(engine, ns.warmup_steps)
+        before = engine.stats()
+        wall_s, timings = _back_to_back(engine, ns.decode_steps)
+        after = engine.stats()
+        synced_s, synced = _synced(engine, ns.decode_steps)
+        busy_ms, kernels, profiled = profile_steps(engine, ns.profile_steps)
+        _check_steps(timings + synced + profiled, batch)
     finally:
         for request_id in ids:
             engine.abort(request_id)
-    (decode_batch, decode_tokens), = shapes  # one shape: _check_shape saw (batch, batch) each time
-    return {"decode_batch": decode_batch, "decode_tokens": decode_tokens, "prefill_steps": num_steps,
-            "num_timed_steps": len(seconds),
-            "context_len": statistics.fmean(context_tokens) / batch,
-            "wall_ms": 1e3 * statistics.median(seconds), "wall_ms_min": 1e3 * min(seconds),
-            "wall_ms_mean": 1e3 * statistics.fmean(seconds), "gpu_busy_ms": busy_ms, "top_kernels": kernels}
+    decode_tokens = _decoded_tokens(before, after, batch, ns.decode_steps)
+    # the timed steps read contexts c+1 .. c+n tokens (c held before them): the mean is c + (n+1)/2
+    context_len = (before.num_context_tokens + after.num_context_tokens) / (2 * batch) + 0.5
+    host = [t.host_s for t in timings if t is not None]
+    wall_ms = 1e3 * wall_s
+    return {"decode_batch": after.num_decoding, "decode_tokens": decode_tokens, "prefill_steps": num_steps,
+            "num_timed_steps": len(timings), "context_len": context_len, "wall_ms": wall_ms,
+            "wall_ms_synced": 1e3 * statistics.median(synced_s),
+            "host_ms": 1e3 * statistics.fmean(host) if len(host) == len(timings) else None,
+            "gpu_busy_ms": busy_ms, "wall_vs_gpu_busy": wall_ms / busy_ms if busy_ms else None,
+            "top_kernels": kernels}
 
 
-def profile_steps(engine, batch: int, num_steps: int) -> tuple[float | None, list[dict]]:
-    """(device ms per step, top kernels by device time) over `num_steps` decode steps; (None, [])
-    on CPU, or where the profiler records no device activity."""
+def _prefill(engine, batch: int, max_steps: int) -> int:
+    """Step until all `batch` requests are past their prompts; the steps it took."""
+    num_steps = 0
+    while not _all_decoding(engine.stats(), batch):
+        if num_steps == max_steps:
+            raise RuntimeError(f"the {batch} requests were not all decoding after {num_steps} steps; "
+                               f"the KV cache may hold fewer (raise --kv-cache-memory-gib)")
+        engine.step()
+        num_steps += 1
+    return num_steps
+
+
+def _run_steps(engine, num_steps: int) -> list[StepTiming | None]:
+    """engine.step() `num_steps` times, back to back; what each reported about itself."""
+    timings = []
+    for _ in range(num_steps):
+        engine.step()
+        timings.append(engine.last_step)
+    return timings
+
+
+def _back_to_back(engine, num_steps: int) -> tuple[float, list[StepTiming | None]]:
+    """(wall seconds per step, the steps' timings) of `num_steps` steps, synchronized only around
+    the run, so that each step's host work overlaps the device's work on the one before."""
+    _sync(engine)
+    t0 = time.perf_counter()
+    timings = _run_steps(engine, num_steps)
+    _sync(engine)
+    return (time.perf_counter() - t0) / num_steps, timings
+
+
+def _synced(engine, num_steps: int) -> tuple[list[float], list[StepTiming | None]]:
+    """(wall seconds of each, their timings) of `num_steps` steps each between two synchronizes."""
+    seconds, timings = [], []
+    for _ in range(num_steps):
+        _sync(engine)
+        t0 = time.perf_counter()
+        timings += _run_steps(engine, 1)
+        _sync(engine)
+        seconds.append(time.perf_counter() - t0)
+    return seconds, timings
+
+
+def profile_steps(engine, num_steps: int) -> tuple[float | None, list[dict], list[StepTiming | None]]:
+    """(device ms per step, top kernels by device time, the steps' timings) over `num_steps`
+    decode steps; (None, [], []) on CPU, and no time or kernels where the profiler records no
+    device activity."""
     if engine.device.type != "cuda" or num_steps < 1:
-        return None, []
+        return None, [], []
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+    _sync(engine)  # no earlier step's kernels in the window
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(num_steps):
-            engine.step()
-            _check_shape(engine, batch)
-        torch.cuda.synchronize()
+        timings = _run_steps(engine, num_steps)
+        _sync(engine)
     totals: dict[str, list[float]] = {}  # kernel name -> [device us, calls]
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:
@@ -204,11 +258,11 @@ def profile_steps(engine, batch: int, num_steps: int) -> tuple[float | None, lis
             entry[0] += event.time_range.elapsed_us()
             entry[1] += 1
     if not totals:
-        return None, []
+        return None, [], timings
     top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     kernels = [{"name": name[:NAME_CHARS], "ms_per_step": us / 1e3 / num_steps, "calls_per_step": calls / num_steps}
                for name, (us, calls) in top]
-    return sum(us for us, _ in totals.values()) / 1e3 / num_steps, kernels
+    return sum(us for us, _ in totals.values()) / 1e3 / num_steps, kernels, timings
 
 
 def roofline(row: dict, record: dict, bandwidth: float) -> dict:
@@ -219,14 +273,26 @@ def roofline(row: dict, record: dict, bandwidth: float) -> dict:
             "roofline_vs_gpu_busy": ms / busy if busy else None}
 
 
-def _all_decoding(scheduler, batch: int) -> bool:
-    return (not scheduler.waiting and len(scheduler.running) == batch
-            and all(r.num_computed_tokens >= len(r.prompt_token_ids) for r in scheduler.running))
+def _all_decoding(stats: EngineStats, batch: int) -> bool:
+    return stats.num_waiting == 0 and stats.num_running == stats.num_decoding == batch
 
 
-def _check_shape(engine, batch: int) -> None:
-    if engine.last_step_shape != (batch, batch):
-        raise RuntimeError(f"a measured step computed (sequences, tokens) = {engine.last_step_shape}, "
+def _decoded_tokens(before: EngineStats, after: EngineStats, batch: int, num_steps: int) -> int:
+    """Tokens per timed step, from the context the batch gained; raises unless the batch stayed
+    whole and each step computed one token per sequence (a decode step gives each at most one)."""
+    gained = after.num_context_tokens - before.num_context_tokens
+    if not _all_decoding(after, batch) or gained != batch * num_steps:
+        raise RuntimeError(f"over {num_steps} timed steps the {batch} sequences gained {gained} tokens, "
+                           f"not {batch * num_steps}, and {after.num_decoding} of {after.num_running} "
+                           f"running decode ({after.num_waiting} waiting): a request was preempted or finished")
+    return gained // num_steps
+
+
+def _check_steps(timings: list[StepTiming | None], batch: int) -> None:
+    """Every measured step scheduled `batch` sequences of one token each (where it reported itself)."""
+    shapes = {(t.num_seqs, t.num_tokens) for t in timings if t is not None}
+    if shapes - {(batch, batch)}:
+        raise RuntimeError(f"measured steps scheduled (sequences, tokens) = {sorted(shapes)}, "
                            f"not ({batch}, {batch}): a request was preempted or finished")
 
 
@@ -271,9 +337,11 @@ def print_results(res: dict) -> None:
                   d.get("start_s", "-"), d["weight_bytes"] / 1e9 if "weight_bytes" in d else "-"]
                  for d in res["designs"]])
     ok = [r for r in res["runs"] if "wall_ms" in r]
-    print_table("decode step (ms; median over decode-only steps)",
-                ["design", "batch", "context", "wall", "GPU busy", "roofline", "of busy", "of wall"],
-                [[r["design"], r["decode_batch"], r["context_len"], r["wall_ms"], r["gpu_busy_ms"] or "-",
+    print_table("decode step (ms per step; wall: back to back, synced: median of synchronized steps)",
+                ["design", "batch", "context", "wall", "synced", "host", "GPU busy", "wall/busy", "roofline",
+                 "of busy", "of wall"],
+                [[r["design"], r["decode_batch"], r["context_len"], r["wall_ms"], _or_dash(r.get("wall_ms_synced")),
+                  _or_dash(r.get("host_ms")), _or_dash(r["gpu_busy_ms"]), _or_dash(r.get("wall_vs_gpu_busy")),
                   r["roofline_ms"], share(r["roofline_vs_gpu_busy"]), share(r["roofline_vs_wall"])] for r in ok])
     for r in ok:
         if r["top_kernels"]:
@@ -334,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     plot(res, out.with_suffix(".png"))
     print(f"\n{out} and {out.with_suffix('.png')}")
     return 0
+
+
+def _or_dash(value: float | None) -> float | str:
+    """A value for the table; one not measured (CPU, an older file) as "-"."""
+    return "-" if value is None else value
 
 
 def _csv(text: str) -> list[str]:

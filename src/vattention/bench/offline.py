@@ -4,8 +4,10 @@
         --input-len 512 --output-len 256
 
 All prompts are submitted at once (random token ids, seeded), the engine runs until every
-request finishes, and the report gives requests/s, output and total tokens/s, mean step time of
-prefill-carrying and decode-only steps, and the KV memory mapped vs used at the peak.
+request finishes (no synchronize between steps: one would undo the overlapped loop), and the
+report gives requests/s, output and total tokens/s, mean step time of steps that scheduled
+prefill and of decode-only steps ("-" where the engine reports no step timing), and the KV
+memory mapped vs used at the peak.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..cli_args import add_dataclass_args, dataclass_values
 from ..config import ENGINE_CONFIGS
 from ..sampling_params import SamplingParams
 from .report import device_name, print_table, write_json
+from .throughput import step_kind
 
 MIB = 1 << 20
 
@@ -46,7 +49,7 @@ def run(ns: argparse.Namespace) -> dict:
     llm = LLM(**kwargs)
     engine = llm.engine
     rng = random.Random(ns.seed)
-    vocab = engine.model.config.vocab_size
+    vocab = engine.limits.vocab_size
     params = SamplingParams(temperature=0, max_tokens=ns.output_len, ignore_eos=True)
     warm = engine.add_request([rng.randrange(vocab) for _ in range(16)], SamplingParams(max_tokens=4))
     while engine.has_unfinished():  # warm-up: kernels loaded, allocator primed
@@ -55,15 +58,12 @@ def run(ns: argparse.Namespace) -> dict:
     del warm
     for _ in range(ns.num_prompts):
         engine.add_request([rng.randrange(vocab) for _ in range(ns.input_len)], params)
-    step_times: dict[str, list[float]] = {"prefill": [], "decode": []}
+    step_times: dict[str, list[float]] = {"prefill": [], "decode": [], "other": []}  # step_kind -> seconds
     start = time.perf_counter()
     while engine.has_unfinished():
         t0 = time.perf_counter()
         engine.step()
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        num_seqs, num_tokens = engine.last_step_shape
-        step_times["decode" if num_tokens == num_seqs else "prefill"].append(time.perf_counter() - t0)
+        step_times[step_kind(engine.last_step)].append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
     total_out = ns.num_prompts * ns.output_len
     result = {
@@ -79,7 +79,7 @@ def run(ns: argparse.Namespace) -> dict:
         "mean_decode_step_ms": _mean_ms(step_times["decode"]),
         "peak_kv_used_mib": engine.peak_bytes_used / MIB,
         "peak_kv_committed_mib": engine.peak_bytes_committed / MIB,
-        "kv_counters": engine.kv.usage().counters,
+        "kv_counters": engine.stats().kv.counters,
     }
     llm.close()
     return result
@@ -92,11 +92,10 @@ def _mean_ms(times: list[float]) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     result = run(ns)
-    rows = [[k, result[k]] for k in ("device", "model", "kv_cache", "layout", "num_prompts",
-                                     "input_len", "output_len", "elapsed_s", "requests_per_s",
-                                     "output_tokens_per_s", "total_tokens_per_s", "num_steps",
-                                     "mean_prefill_step_ms", "mean_decode_step_ms",
-                                     "peak_kv_used_mib", "peak_kv_committed_mib")]
+    keys = ("device", "model", "kv_cache", "layout", "num_prompts", "input_len", "output_len", "elapsed_s",
+            "requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "num_steps", "mean_prefill_step_ms",
+            "mean_decode_step_ms", "peak_kv_used_mib", "peak_kv_committed_mib")
+    rows = [[k, "-" if result[k] is None else result[k]] for k in keys]
     print_table("offline throughput", ["metric", "value"], rows)
     name = str(ns.model or "smollm2").replace("/", "_")
     write_json(Path(ns.out or f"benchmarks/results/offline_{name}_{ns.kv_cache}.json"), result)

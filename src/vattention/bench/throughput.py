@@ -7,7 +7,9 @@
 
 One trace (the same requests for every design), then for each design in turn, in one process:
 build the LLM, warm it up, submit every request at once, step the engine until all finish
-(timing each step), record, close and free the device memory before the next design.
+(timing each step() call, with no synchronize between steps: one would undo the overlapped
+loop, where step N's launches go ahead of step N-1's results), record, close and free the device
+memory before the next design.
 
   designs  --kv-caches vattention,paged,static x --layouts (vattention) x --block-sizes (paged)
            (x CUDA graphs on and off with --compare-eager)
@@ -20,9 +22,10 @@ Every request decodes greedily with ignore_eos, so each design does the same wor
 outputs can be compared: `same_outputs` is the share of requests whose tokens equal the first
 design's (1.0 on CPU fp32; on GPU bf16 different attention kernels may round differently and
 split a near-tie). Reported per design: requests/s, output and total tokens/s, mean step time of
-steps that carry prefill vs decode-only steps, peak KV used/committed, preemptions, and ratios to
-the first design. --plot-from JSON redraws the table and PNG of an earlier run (e.g. one from a
-machine without matplotlib).
+steps that scheduled prefill vs decode-only steps (by engine.last_step; "-" where the engine
+reports no step timing), peak KV used/committed, preemptions, and ratios to the first design.
+--plot-from JSON redraws the table and PNG of an earlier run (e.g. one from a machine without
+matplotlib).
 
 --peer transformers then runs Hugging Face transformers' continuous batching (the manager behind
 `generate_batch`) on the same requests (prompt ids and output lengths), device and dtype: greedy,
@@ -41,6 +44,7 @@ import json
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -50,6 +54,9 @@ from ..config import ENGINE_CONFIGS
 from ..sampling_params import SamplingParams
 from .datasets import SampledRequest, long_context_requests, sharegpt_requests
 from .report import device_name, free_device_memory, print_table, write_json
+
+if TYPE_CHECKING:
+    from ..engine.stats import StepTiming
 
 GIB = 1 << 30
 PER_DESIGN = ("kv_cache", "layout", "block_size")  # set per design, not from the engine flags
@@ -138,34 +145,30 @@ def run_design(design: dict, ns: argparse.Namespace, trace: list[SampledRequest]
     engine = llm.engine
     try:
         if trace is None:
-            trace = make_trace(ns, engine.tokenizer, engine.model.config.vocab_size)
-        longest = max(r.total_len for r in trace)
-        if longest > engine.max_request_tokens:
+            trace = make_trace(ns, engine.tokenizer, engine.limits.vocab_size)
+        longest, limits = max(r.total_len for r in trace), engine.limits
+        if longest > limits.max_request_tokens:
             raise ValueError(f"the trace has a request of {longest} tokens; {label(design)} holds at most "
-                             f"{engine.max_request_tokens} (context {engine.max_model_len}); raise "
+                             f"{limits.max_request_tokens} (context {limits.max_model_len}); raise "
                              f"--max-model-len, use a model with a longer context, or shorten the trace")
         _warm_up(engine)
-        for r in trace:
-            engine.add_request(r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=r.output_len,
-                                                                  ignore_eos=True))
-        requests = list(engine.scheduler.waiting)  # the Request objects, to read preemptions at the end
+        preempted = engine.stats().num_preemptions
+        ids = [engine.add_request(r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=r.output_len,
+                                                                     ignore_eos=True)) for r in trace]
         outputs: dict[str, list[int]] = {}
-        steps: dict[str, list[float]] = {"prefill": [], "decode": []}
+        steps: dict[str, list[float]] = {"prefill": [], "decode": [], "other": []}  # step_kind -> seconds
         bar = tqdm(total=sum(r.output_len for r in trace), desc=label(design), unit="tok", leave=False)
         start = time.perf_counter()
         while engine.has_unfinished():
             t0 = time.perf_counter()
             results = engine.step()
-            if engine.device.type == "cuda":
-                torch.cuda.synchronize()
-            num_seqs, num_tokens = engine.last_step_shape
-            steps["decode" if num_tokens == num_seqs else "prefill"].append(time.perf_counter() - t0)
+            steps[step_kind(engine.last_step)].append(time.perf_counter() - t0)
             bar.update(len(results))  # about one token per request that progressed
             outputs.update((o.request_id, o.outputs[0].token_ids) for o in results if o.finished)
         elapsed = time.perf_counter() - start
         bar.close()
-        tokens = [outputs[r.request_id.rsplit("#", 1)[0]] for r in requests]
-        metrics = _metrics(design, trace, tokens, requests, steps, elapsed, engine)
+        tokens = [outputs[i] for i in ids]
+        metrics = _metrics(design, trace, tokens, steps, elapsed, engine, preempted)
     finally:
         llm.close()
         del llm, engine
@@ -173,9 +176,17 @@ def run_design(design: dict, ns: argparse.Namespace, trace: list[SampledRequest]
     return metrics, trace, tokens
 
 
+def step_kind(step: StepTiming | None) -> str:
+    """What a step scheduled: "prefill" (some prompt tokens), "decode" (one token a sequence), or
+    "other": nothing (it only collected an earlier step's results), or the step reported nothing."""
+    if step is None or step.num_seqs == 0:
+        return "other"
+    return "decode" if step.num_tokens == step.num_seqs else "prefill"
+
+
 def _warm_up(engine) -> None:
     """Kernels loaded and the allocator primed, with a chunked prefill and a few decodes."""
-    n, vocab = min(512, engine.max_request_tokens - 8), engine.model.config.vocab_size
+    n, vocab = min(512, engine.limits.max_request_tokens - 8), engine.limits.vocab_size
     for length in (16, n):
         engine.add_request([i % vocab for i in range(length)],
                            SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -184,7 +195,9 @@ def _warm_up(engine) -> None:
     engine.peak_bytes_used = engine.peak_bytes_committed = 0
 
 
-def _metrics(design, trace, tokens, requests, steps, elapsed, engine) -> dict:
+def _metrics(design, trace, tokens, steps, elapsed, engine, preempted: int) -> dict:
+    """The design's record; `preempted`: the engine's preemptions before the trace (the warm-up's)."""
+    stats = engine.stats()
     num_out = sum(len(t) for t in tokens)
     num_prompt = sum(r.prompt_len for r in trace)
     mean_ms = {k: 1000 * sum(v) / len(v) if v else None for k, v in steps.items()}
@@ -196,8 +209,8 @@ def _metrics(design, trace, tokens, requests, steps, elapsed, engine) -> dict:
             "mean_prefill_step_ms": mean_ms["prefill"], "mean_decode_step_ms": mean_ms["decode"],
             "peak_kv_used_gib": engine.peak_bytes_used / GIB,
             "peak_kv_committed_gib": engine.peak_bytes_committed / GIB,
-            "kv_capacity_gib": engine.kv.usage().bytes_capacity / GIB,
-            "preemptions": sum(r.num_preemptions for r in requests),
+            "kv_capacity_gib": stats.kv.bytes_capacity / GIB,
+            "preemptions": stats.num_preemptions - preempted,
             "output_digest": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]}
 
 

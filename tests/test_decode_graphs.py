@@ -162,14 +162,16 @@ def test_padding_row_is_reserved_once_and_owned_by_no_request(checkpoint, kv_cac
 
     def spy(*args):
         meta = build(*args)
-        seen.append(meta)
+        # copied now: the metadata's arrays live in the runner's staging buffers, which the
+        # next step overwrites
+        seen.append((meta, meta.kv_write_index.tolist()))
         return meta
 
     kv.build_metadata = spy
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 30 for o in outs) and len(seen) >= 30
-    for meta in seen:
-        assert row not in meta.kv_write_index.tolist()
+    for meta, write_rows in seen:
+        assert row not in write_rows
         if meta.block_tables_host is not None:
             assert all(row // 4 not in table for table in meta.block_tables_host)
         else:  # each sequence's rows [start, start + len) miss it

@@ -81,10 +81,10 @@ def assert_engine_clean(llm: LLM) -> None:
 class PoisonedSampler(Sampler):
     """Raises for any batch that holds the poisoned request, as a numerical failure would."""
 
-    def __call__(self, logits, batch):
+    def sample(self, logits, batch):
         if any(p.max_tokens == POISON.max_tokens for p in batch.params):
             raise RuntimeError("injected sampling failure")
-        return super().__call__(logits, batch)
+        return super().sample(logits, batch)
 
 
 @pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
@@ -123,7 +123,7 @@ def test_a_failure_in_one_requests_kv_growth_finishes_only_that_request(path, kv
 
     def add_marking_the_poison(prompt, params=None, request_id=None):
         rid = add_request(prompt, params, request_id)
-        if params is POISON:
+        if params is not None and params.max_tokens == POISON.max_tokens:
             poisoned_ids.add(f"{rid}#0")
         return rid
 
@@ -133,7 +133,9 @@ def test_a_failure_in_one_requests_kv_growth_finishes_only_that_request(path, kv
     failed = poison.outputs[0]
     assert failed.finish_reason == "error"
     assert "KV allocation of 7 tokens failed" in failed.error and "injected failure" in failed.error
-    assert len(failed.token_ids) == 3  # tokens 1-3 came before its growth to 7 tokens failed
+    # tokens 1-3 came before its growth to 7 tokens failed; with the overlapped loop the growth
+    # is asked for while token 3 is still on the device, and the failure discards it
+    assert len(failed.token_ids) == (2 if llm.engine.async_scheduling else 3)
     assert_engine_clean(llm)
     llm.close()
 
@@ -145,7 +147,7 @@ def test_a_failure_in_one_requests_output_processing_finishes_only_that_request(
     append = processor.append
 
     def failing_append(req, sampled):
-        if req.params is POISON:
+        if req.params.max_tokens == POISON.max_tokens:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
         return append(req, sampled)
 
@@ -210,7 +212,8 @@ def test_sample_isolated_reports_the_failing_row_and_keeps_the_others_exact():
 
     with pytest.raises(RuntimeError):
         Sampler()(logits, batch(range(4)))  # the plain batched call does raise
-    out, errors = Sampler().sample_isolated(logits, batch(range(4)))
+    sample, errors = Sampler().sample_isolated(logits, batch(range(4)))
+    out = sample.start_copy().result()
     assert list(errors) == [2] and out.token_ids[2] == -1
     clean = Sampler()(logits[[0, 1, 3]], batch([0, 1, 3]))
     assert [out.token_ids[i] for i in (0, 1, 3)] == clean.token_ids

@@ -58,7 +58,7 @@ class CacheConfig:
     layout: str = "cross_layer"  # vattention layout: cross_layer (one page for all layers) or per_layer
     kv_cache_memory_gib: float | None = None  # KV budget; None = 90% of free GPU memory after the model (CPU: 4 GiB)
     page_size: int | None = None  # bytes per page; None = driver granularity (2 MiB)
-    eager_cushion_groups: int = 1  # page groups mapped ahead of each sequence in the background
+    eager_cushion_groups: int = 0  # vattention: page groups a background thread maps ahead of each sequence (with the next step's pages); 0 = no thread: pages are mapped on the engine thread while the GPU runs the previous step
     block_size: int = 16  # paged: tokens per block
     attention_backend: str = "auto"  # auto (CUDA: triton, our split-KV decode with FA2 prefill; CPU: sdpa), flash, triton, flex (paged), sdpa, reference
 
@@ -79,6 +79,7 @@ class SchedulerConfig:
 
     max_num_seqs: int = 64  # sequences running at once (KV slots)
     max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
+    async_scheduling: bool = True  # overlap: schedule and launch step N+1 while the device runs step N, collecting step N's tokens after (one device step in flight); off = schedule, run, wait, every step (tensor parallelism runs this way)
 
     def __post_init__(self):
         if self.max_num_seqs < 1:

@@ -15,7 +15,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from .staging import StepStaging, to_device
 
 
 @dataclass
@@ -43,34 +46,40 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
-def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor, copied without waiting where the copy allows."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
-def _common(query_lens: list[int], seq_lens: list[int], write: list[int], device) -> dict:
+def _common(query_lens: list[int], seq_lens: list[int], write: list[int], put) -> dict:
     return dict(query_lens=query_lens, seq_lens=seq_lens, max_query_len=max(query_lens),
                 max_seq_len=max(seq_lens),
-                query_start_loc=to_device([0, *itertools.accumulate(query_lens)], torch.int32, device),
-                seq_lens_t=to_device(seq_lens, torch.int32, device),
-                kv_write_index=to_device(write, torch.int64, device))
+                query_start_loc=put([0, *itertools.accumulate(query_lens)], torch.int32),
+                seq_lens_t=put(seq_lens, torch.int32), kv_write_index=put(write, torch.int64))
+
+
+def _putter(device: torch.device, staging: StepStaging | None):
+    """How a host array becomes a device tensor: through the step's staging buffers, or alone."""
+    if staging is not None:
+        return staging.add
+    return lambda values, dtype: to_device(values, dtype, device)
 
 
 def build_contiguous_metadata(starts: list[int], query_lens: list[int], seq_lens: list[int],
-                              device: torch.device) -> AttentionMetadata:
+                              device: torch.device, staging: StepStaging | None = None) -> AttentionMetadata:
     """Sequences whose token 0 is at flat row starts[i], adding query_lens[i] tokens each."""
+    put = _putter(device, staging)
     write = [s + pos for s, q, n in zip(starts, query_lens, seq_lens) for pos in range(n - q, n)]
-    return AttentionMetadata(**_common(query_lens, seq_lens, write, device),
-                             kv_starts=to_device(starts, torch.int32, device), starts=starts)
+    return AttentionMetadata(**_common(query_lens, seq_lens, write, put),
+                             kv_starts=put(starts, torch.int32), starts=starts)
 
 
 def build_paged_metadata(block_tables: list[list[int]], block_size: int, query_lens: list[int],
-                         seq_lens: list[int], device: torch.device) -> AttentionMetadata:
+                         seq_lens: list[int], device: torch.device,
+                         staging: StepStaging | None = None) -> AttentionMetadata:
     """Sequences whose tokens live in the blocks listed by block_tables[i]."""
+    put = _putter(device, staging)
     write = [table[pos // block_size] * block_size + pos % block_size
              for table, q, n in zip(block_tables, query_lens, seq_lens) for pos in range(n - q, n)]
     width = max(len(t) for t in block_tables)
-    padded = [t + [0] * (width - len(t)) for t in block_tables]
-    return AttentionMetadata(**_common(query_lens, seq_lens, write, device),
-                             block_tables=torch.tensor(padded, dtype=torch.int32).to(device, non_blocking=True),
+    padded = np.zeros((len(block_tables), width), dtype=np.int32)
+    for row, table in zip(padded, block_tables):
+        row[:len(table)] = table
+    tables = staging.add_2d(padded, torch.int32) if staging is not None else to_device(padded, torch.int32, device)
+    return AttentionMetadata(**_common(query_lens, seq_lens, write, put), block_tables=tables,
                              block_tables_host=block_tables, block_size=block_size)

@@ -44,7 +44,9 @@ from tqdm import tqdm
 
 from ..kv import KVManager, make_kv_manager
 from ..engine.request import Request
+from ..engine.output_processor import OutputProcessor
 from ..engine.scheduler import Scheduler
+from ..engine.step_io import SampledToken, StepResult
 from ..memory import KVCacheSpec
 from ..models.config import ModelArchConfig
 from ..models.loader import resolve_arch_config
@@ -155,7 +157,7 @@ def admission(kv: KVManager, trace: Trace) -> dict:
 
 def steady_state(kv: KVManager, trace: Trace, steps: int, max_seqs: int, max_batched: int) -> dict:
     """The engine's scheduler over a backlog of requests, no model; means over the second half."""
-    sched = Scheduler(kv, max_seqs, max_batched)
+    sched = Scheduler(kv, OutputProcessor(None, kv.max_tokens_per_request), max_seqs, max_batched)
     backlog = max(64, max_seqs // 8)  # waiting requests kept queued, so memory stays the limit
     requests: list[Request] = []
     samples: list[dict] = []
@@ -169,14 +171,10 @@ def steady_state(kv: KVManager, trace: Trace, steps: int, max_seqs: int, max_bat
             sched.add(req)
         out = sched.schedule()
         measuring = step >= steps // 2
-        for item in out.scheduled:  # what LLMEngine.step does, minus the model
-            req = item.request
-            req.num_computed_tokens += item.num_new_tokens
-            if item.samples:
-                req.output_token_ids.append(0)
-                tokens_sampled += measuring
-                if len(req.output_token_ids) == req.max_tokens:
-                    sched.finish(req, "length")
+        # what LLMEngine.step does (synchronously), minus the model: every sampling request gets token 0
+        sampled = {item.request.request_id: SampledToken(0, None, []) for item in out.scheduled if item.samples}
+        tokens_sampled += measuring * len(sampled)
+        sched.update_from_output(out, StepResult(sampled, {}))
         if measuring:
             peak = max(peak, len(sched.running))
             samples.append({"running": len(sched.running), **_usage(kv)})

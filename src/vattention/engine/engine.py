@@ -1,100 +1,46 @@
 """LLMEngine: requests in, tokens out, one step at a time.
 
     add_request ─> Scheduler.waiting
-    step():  Scheduler.schedule ─> ModelRunner.execute ─> OutputProcessor.append ─> RequestOutput
-The engine owns the model, tokenizer, KV manager, scheduler and runner; nothing below it
-imports it. With tensor_parallel_size > 1 this process is rank 0: build_rank loads its shard and
-tp.py sends each step to the other ranks, which hold the other shards (tp.py).
+    step():  Scheduler.schedule ─> ModelRunner.launch (step N queued on the device)
+             ─> collect step N-1: its sampled ids reach the host ─> Scheduler.update_from_output
+             ─> ModelRunner.sample (step N's tokens chosen on the device, copy to host started)
+             ─> RequestOutput of what changed
+
+The overlap: the host schedules, builds and launches step N (mapping the pages it needs), then
+collects step N-1 (detokenizing, applying stop rules) while the device runs step N; only then
+does it queue step N's sampling, so that penalties see every earlier token and a request that
+stopped at N-1 samples nothing. Step N's input ids of decoding requests are step N-1's sampled
+ids, read on the device. With async_scheduling off, each step is collected before the next is
+scheduled (tensor parallelism runs this way: the other ranks need every token id in the plan).
+
+The engine owns the scheduler (request state), the runner (model, KV manager, attention backend)
+and the tokenizer; nothing below it imports it. With tensor_parallel_size > 1 this process is
+rank 0: rank.build_rank loads its shard and tp.py sends each step to the other ranks.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import torch
 
-from ..attention import make_backend
 from ..config import EngineConfig
-from ..distributed import TPGroup
-from ..memory import KVCacheSpec
-from ..models.loader import load_model, read_generation_defaults, read_generation_eos, resolve_arch_config
+from ..models.loader import read_generation_defaults, read_generation_eos, resolve_arch_config
 from ..models.presets import PRESETS
 from ..models.sharding import Shard
 from ..outputs import RequestOutput
-from ..sampling import Sampler
 from ..sampling_params import SamplingParams
-from .graphs import DecodeGraphs, use_graphs
-from ..kv import make_kv_manager
 from .output_processor import OutputProcessor, make_request_output
+from .rank import build_rank, resolve_model_path
 from .request import Request
-from .runner import ModelRunner, StepResult
+from .runner import PendingSample
 from .scheduler import Scheduler
 from .stats import EngineStats, StepTiming
-from .validation import RequestLimits
+from .step_io import SchedulerOutput, StepResult
 from .tp import Coordinator, RecordingKV, TensorParallelError, start_group
-
-GIB = 1 << 30
-
-
-@dataclass
-class RankState:
-    """What every tensor-parallel rank holds (all of it when there is one rank)."""
-
-    device: torch.device
-    dtype: torch.dtype
-    model_path: str
-    model: torch.nn.Module  # this rank's shard
-    max_model_len: int  # context length: the model's, capped by its sliding window and the config
-    runner: ModelRunner  # with this rank's KV manager (runner.kv) and attention backend
-
-
-def build_rank(config: EngineConfig, group: TPGroup | None) -> RankState:
-    """Load this rank's shard of the model and size its KV cache. Ranks agree on one KV budget
-    (the smallest), so that the same requests fit on every rank."""
-    mc, cc, sc = config.model, config.cache, config.scheduler
-    device = _rank_device(mc, group)
-    dtype = mc.torch_dtype(device)
-    model_path = _resolve_model_path(mc.model)
-    shard = group.shard if group is not None else Shard()
-    model = load_model(model_path, mc.load_format, device, dtype, mc.dummy_seed, shard, group)
-    arch = model.config
-    limits = [arch.max_position_embeddings, arch.sliding_window, mc.max_model_len]
-    max_model_len = min(x for x in limits if x)
-    spec = KVCacheSpec(num_layers=arch.num_layers, num_kv_heads=shard.num_kv_heads(arch),
-                       head_dim=arch.head_dim, dtype=dtype, max_seqs=sc.max_num_seqs,
-                       max_seq_len=max_model_len, layout=cc.layout)
-    budget = _kv_budget(cc, device)
-    if group is not None:
-        budget = group.min(budget)
-    kv = make_kv_manager(cc.kv_cache, spec, device, budget, cc.page_size, cc.eager_cushion_groups,
-                         cc.block_size)
-    backend = make_backend(cc.attention_backend, kv.kind, arch.head_dim, device, cc.block_size)
-    runner = ModelRunner(model, kv, backend, Sampler(), device, sc.max_num_batched_tokens)
-    if use_graphs(mc.enforce_eager, device, backend.name, shard.world_size):
-        runner.graphs = DecodeGraphs(model, kv, backend, device, min(mc.max_graph_batch_size, sc.max_num_seqs),
-                                     max_model_len)
-    return RankState(device, dtype, model_path, model, max_model_len, runner)
-
-
-def _rank_device(mc, group: TPGroup | None) -> torch.device:
-    device = mc.torch_device()
-    if group is None or device.type != "cuda":
-        return device
-    if device.index is not None:
-        raise ValueError(f"device {mc.device} names one GPU, but tensor parallelism puts rank r on "
-                         f"GPU r of its machine; use --device cuda")
-    return torch.device("cuda", group.local_rank)
-
-
-def _kv_budget(cc, device: torch.device) -> int:
-    if cc.kv_cache_memory_gib is not None:
-        return int(cc.kv_cache_memory_gib * GIB)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.9) - GIB  # leave room for activations and the allocator
-    return 4 * GIB
+from .validation import RequestLimits
 
 
 class LLMEngine:
@@ -104,7 +50,7 @@ class LLMEngine:
         self.coordinator: Coordinator | None = None  # tensor parallel: rank 0's link to the others
         group = workers = None
         if config.parallel.tensor_parallel_size > 1:
-            arch = resolve_arch_config(_resolve_model_path(config.model.model))
+            arch = resolve_arch_config(resolve_model_path(config.model.model))
             Shard(0, config.parallel.tensor_parallel_size).check(arch)  # before starting any process
             group, workers = start_group(config)
         try:
@@ -131,8 +77,10 @@ class LLMEngine:
         # what a request leaves unset: the model's sampling defaults (or SamplingParams' own)
         self.default_sampling = (read_generation_defaults(Path(self.model_path))
                                  if config.model.generation_config == "auto" else {})
-        self.scheduler = Scheduler(self.kv, sc.max_num_seqs, sc.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.scheduler = Scheduler(self.kv, self.outputs, sc.max_num_seqs, sc.max_num_batched_tokens)
+        self.async_scheduling = sc.async_scheduling and group is None
+        self._inflight: tuple[SchedulerOutput, PendingSample] | None = None  # the step not yet collected
         self.max_request_tokens = min(self.max_model_len, self.kv.max_tokens_per_request)
         self.limits = RequestLimits(self.max_model_len, self.max_request_tokens, arch.vocab_size,
                                     self.tokenizer.max_chars_per_token if self.tokenizer is not None else None)
@@ -141,7 +89,6 @@ class LLMEngine:
         self._ids = itertools.count()
         self.peak_bytes_used = 0  # most KV bytes holding tokens after any step
         self.peak_bytes_committed = 0  # most KV bytes mapped/allocated/reserved after any step
-        self.last_step_shape = (0, 0)  # (sequences, tokens) the last step computed
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -193,7 +140,7 @@ class LLMEngine:
                 self.scheduler.finish(req, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def stats(self) -> EngineStats:
         """The engine's state now: queue lengths, KV memory, the latest step's timing."""
@@ -207,56 +154,94 @@ class LLMEngine:
     # ---- the loop ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the current state of every request group that progressed.
+        """Run one step; returns the new state of every request group that progressed (with
+        async scheduling, the tokens of the step launched by the previous call).
 
         An error that belongs to one request (its KV allocation, its sampling, its output
         processing) finishes only that request, with finish_reason "error" and the reason in its
         output's `error`; the others go on. An error of the step as a whole (the forward pass)
-        raises, and the requests stay queued for the caller to abort or retry."""
+        raises; the requests stay queued, to be recomputed, for the caller to abort or retry."""
+        start = time.perf_counter()
+        waited = 0.0
         sched = self.scheduler.schedule()
-        self.last_step_shape = (len(sched.scheduled), sched.num_batched_tokens)
+        launched = self._launch(sched) if sched.scheduled else None
+        touched = list(sched.failed)
+        if self._inflight is not None:
+            previous, pending = self._inflight
+            self._inflight = None
+            result, seconds = self._collect(previous, pending, sched)
+            waited += seconds
+            touched += self.scheduler.update_from_output(previous, result)
+        if launched is not None:
+            alive = [not item.request.finished for item in sched.scheduled]
+            pending = self.runner.sample(launched, alive)
+            for item in sched.scheduled:  # known at once: these must not be scheduled again
+                error = pending.errors.get(item.request.request_id)
+                if error is not None:
+                    self.scheduler.fail(item.request, error)
+                    touched.append(item.request)
+            if self.async_scheduling:
+                self._inflight = (sched, pending)
+            else:
+                result, seconds = self._collect(sched, pending)
+                waited += seconds
+                touched += self.scheduler.update_from_output(sched, result)
+        outputs = self._outputs(touched)
+        self.last_step = StepTiming(len(sched.scheduled), sched.num_batched_tokens,
+                                    time.perf_counter() - start - waited, waited)
+        return outputs
+
+    def _launch(self, sched: SchedulerOutput):
         try:
-            result = self.runner.execute(sched) if sched.scheduled else StepResult({}, {})
-        except TensorParallelError:
-            raise
+            return self.runner.launch(sched)
         except Exception as e:
-            if self.coordinator is None:
+            self._abandon(sched)
+            if self.coordinator is None or isinstance(e, TensorParallelError):
                 raise
             raise self.coordinator.fail(e) from e  # a collective broke: say which rank failed and why
-        touched: dict[str, list[Request]] = {}
-        for req in sched.failed:
-            self._touch(req, touched)
-        for item in sched.scheduled:
-            req = item.request
-            req.num_computed_tokens += item.num_new_tokens
-            error = result.failed.get(req.request_id)
-            token = result.sampled.get(req.request_id)
-            if error is None and token is None:
-                continue
-            if error is None:
-                try:
-                    reason = self.outputs.append(req, token)
-                except Exception as e:  # noqa: BLE001 - e.g. detokenizing: this request's alone
-                    error = f"processing its output failed: {type(e).__name__}: {e}"
-                else:
-                    if reason is not None:
-                        self.scheduler.finish(req, reason)
-            if error is not None:
-                self.scheduler.fail(req, error)
-            self._touch(req, touched)
+
+    def _collect(self, sched: SchedulerOutput, pending: PendingSample,
+                 queued: SchedulerOutput | None = None) -> tuple[StepResult, float]:
+        """The step's sampled tokens on the host, and the seconds spent waiting for them. If the
+        device failed, the step (and `queued`, launched behind it) is abandoned."""
+        start = time.perf_counter()
+        try:
+            result = pending.result()
+        except Exception:
+            self.scheduler.forget_step(sched)
+            if queued is not None:
+                self.scheduler.forget_step(queued)
+            raise
+        return result, time.perf_counter() - start
+
+    def _abandon(self, sched: SchedulerOutput) -> None:
+        """A step failed while launching: it and the step in flight are dropped, and their
+        requests recompute from scratch later."""
+        if self._inflight is not None:
+            self.scheduler.forget_step(self._inflight[0])
+            self._inflight = None
+        self.scheduler.forget_step(sched)
+
+    def _outputs(self, touched: list[Request]) -> list[RequestOutput]:
+        groups: dict[str, list[Request]] = {}
+        for req in touched:
+            group_id = req.request_id.rsplit("#", 1)[0]
+            if group_id in self._groups:
+                groups[group_id] = self._groups[group_id]
+        results = []
+        for group_id, group in groups.items():
+            out = make_request_output(group)
+            if all(r.finished for r in group):
+                del self._groups[group_id]
+            if out is not None:
+                results.append(out)
+        self._track_peaks()
+        return results
+
+    def _track_peaks(self) -> None:
         usage = self.kv.usage()
         self.peak_bytes_used = max(self.peak_bytes_used, usage.bytes_used)
         self.peak_bytes_committed = max(self.peak_bytes_committed, usage.bytes_committed)
-        results = [make_request_output(group) for group in touched.values()]
-        for result in results:
-            if result.finished:
-                del self._groups[result.request_id]
-        return results
-
-    def _touch(self, req: Request, touched: dict[str, list[Request]]) -> None:
-        group_id = req.request_id.rsplit("#", 1)[0]
-        if group_id in self._groups:
-            touched[group_id] = self._groups[group_id]
 
     def memory_summary(self) -> str:
         """One line: peak KV bytes holding tokens vs committed to hold them."""
@@ -280,13 +265,6 @@ class LLMEngine:
         if self.coordinator is not None:
             self.coordinator.close()
             self.coordinator = None
-
-
-def _resolve_model_path(model: str | None) -> str:
-    if model is None:
-        from ..models.gguf_import import default_model_dir
-        return str(default_model_dir())
-    return model
 
 
 def _load_tokenizer(model_path: str):

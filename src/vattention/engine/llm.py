@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import EngineConfig
-from ..outputs import RequestOutput
+from ..outputs import RequestOutput, RequestOutputKind
 from ..sampling_params import SamplingParams
 from .engine import LLMEngine
 
@@ -48,6 +50,8 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        # generate returns each prompt's final state: the engine builds no output before it
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         ids = []
         try:
             for prompt, p in zip(prompts, params):

@@ -1,17 +1,26 @@
-"""After each step: append sampled tokens, detokenize, decide whether each request stops."""
+"""After each step: append sampled tokens, detokenize incrementally, decide whether each request
+stops, and hand out what is new.
+
+  token ─> Request.output_token_ids, logprobs ─> IncrementalDetokenizer.step ─> Request.text
+        ─> stop rules (vLLM's order: stop token, EOS, stop string, max tokens, context)
+  requests that progressed ─> make_request_output (by params.output_kind) ─> RequestOutput
+
+The work per token is proportional to the token, not to the request's history: the text grows
+by the detokenizer's new piece, a stop string is searched for only where it could newly end,
+and a DELTA output carries only what the request has not handed out yet.
+"""
 
 from __future__ import annotations
 
 import time
 
-from ..outputs import CompletionOutput, Logprob, RequestOutput
+from ..outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
+from .detokenizer import IncrementalDetokenizer
 from .request import Request
-from .runner import SampledToken
+from .step_io import SampledToken
 
 
 class OutputProcessor:
-    """Applies stop rules in vLLM's order: stop token, EOS, stop string, max tokens, context."""
-
     def __init__(self, tokenizer, max_model_len: int):
         self.tokenizer = tokenizer  # None for token-id-only models (dummy presets)
         self.max_model_len = max_model_len
@@ -27,8 +36,15 @@ class OutputProcessor:
             req.top_logprobs.append([Logprob(t, lp, self._piece(t)) for t, lp in sampled.top_logprobs])
         previous = len(req.text)
         if self.tokenizer is not None:
-            req.text = self.tokenizer.decode(req.output_token_ids,
-                                             skip_special_tokens=req.params.skip_special_tokens)
+            if req.detokenizer is None:
+                req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens)
+            req.text += req.detokenizer.step(token)
+        reason = self._stop_reason(req, token, previous)
+        if reason is not None and req.detokenizer is not None and not isinstance(req.stop_reason, str):
+            req.text += req.detokenizer.flush()  # e.g. a character the last token left incomplete
+        return reason
+
+    def _stop_reason(self, req: Request, token: int, previous: int) -> str | None:
         if token in req.params.stop_token_ids:
             req.stop_reason = token
             return "stop"
@@ -56,16 +72,50 @@ class OutputProcessor:
         return self.tokenizer.token_to_str(token) if self.tokenizer is not None else ""
 
 
-def make_request_output(group: list[Request]) -> RequestOutput:
-    """One RequestOutput for the n samples of a prompt."""
+def make_request_output(group: list[Request]) -> RequestOutput | None:
+    """The RequestOutput for the n samples of a prompt after a step that touched them, as their
+    params.output_kind asks; None when there is nothing to hand out (FINAL_ONLY before the end,
+    DELTA when no sample has anything new)."""
     first = group[0]
-    outputs = [CompletionOutput(
+    kind = first.params.output_kind
+    finished = all(r.finished for r in group)
+    if kind is RequestOutputKind.FINAL_ONLY and not finished:
+        return None
+    if kind is RequestOutputKind.DELTA:
+        outputs = [_delta(r) for r in group if _has_news(r)]
+        if not outputs:
+            return None
+    else:
+        outputs = [_cumulative(r) for r in group]
+    for r in group:
+        r.done_sent = r.done_sent or r.finished
+    return RequestOutput(request_id=first.request_id.rsplit("#", 1)[0], prompt=first.prompt,
+                         prompt_token_ids=first.prompt_token_ids, outputs=outputs, finished=finished)
+
+
+def _cumulative(r: Request) -> CompletionOutput:
+    wants = r.params.logprobs is not None
+    return CompletionOutput(
         index=r.sample_index, text=r.text, token_ids=list(r.output_token_ids),
         finish_reason=r.finish_reason, stop_reason=r.stop_reason,
-        logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
-        top_logprobs=list(r.top_logprobs) if r.params.logprobs is not None else None,
-        error=r.error)
-        for r in group]
-    return RequestOutput(request_id=first.request_id.rsplit("#", 1)[0], prompt=first.prompt,
-                         prompt_token_ids=first.prompt_token_ids, outputs=outputs,
-                         finished=all(r.finished for r in group))
+        logprobs=list(r.logprobs) if wants else None, top_logprobs=list(r.top_logprobs) if wants else None,
+        error=r.error, num_tokens=len(r.output_token_ids))
+
+
+def _has_news(r: Request) -> bool:
+    return len(r.output_token_ids) > r.num_sent_tokens or (r.finished and not r.done_sent)
+
+
+def _delta(r: Request) -> CompletionOutput:
+    """What r has not handed out yet. Text that a stop string could still cut (its last
+    longest-stop - 1 characters) waits until the request finishes or more text follows."""
+    holdback = max((len(s) for s in r.params.stop), default=1) - 1
+    end = len(r.text) if r.finished else max(r.num_sent_chars, len(r.text) - holdback)
+    text, r.num_sent_chars = r.text[r.num_sent_chars:end], end
+    start, r.num_sent_tokens = r.num_sent_tokens, len(r.output_token_ids)
+    wants = r.params.logprobs is not None
+    return CompletionOutput(
+        index=r.sample_index, text=text, token_ids=r.output_token_ids[start:],
+        finish_reason=r.finish_reason, stop_reason=r.stop_reason,
+        logprobs=r.logprobs[start:] if wants else None, top_logprobs=r.top_logprobs[start:] if wants else None,
+        error=r.error, num_tokens=len(r.output_token_ids))

@@ -1,10 +1,15 @@
 """Request: one sequence's state, advanced by counters (never by phase).
 
-  tokens:   | prompt ........................ | output ...... |
-            0                  num_computed_tokens ^           num_tokens
+  tokens:   | prompt ........................ | output ...... | pending |
+            0                  num_computed_tokens ^           ^ num_tokens
   Each step computes tokens [num_computed_tokens, num_computed_tokens + n). When that reaches
-  num_tokens the step samples one more token. Chunked prefill, decode and recompute after
-  preemption (num_computed_tokens back to 0) are the same loop.
+  num_tokens + num_pending the step samples one more token. Chunked prefill, decode and
+  recompute after preemption (num_computed_tokens back to 0) are the same loop.
+
+With the overlapped loop a sampled token's id stays on the device until the host reads it one
+step later: the scheduler counts it as pending (num_pending) when it schedules the step, and the
+next step reads its id on the device. The scheduler advances num_computed_tokens when it
+schedules a step, so the next step can be scheduled before this one has run.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 
 from ..outputs import Logprob
 from ..sampling_params import SamplingParams
+from .detokenizer import IncrementalDetokenizer
 
 
 class RequestStatus(enum.Enum):
@@ -36,7 +42,8 @@ class Request:
     sample_index: int = 0  # which of the params.n samples this request is
     generator: torch.Generator | None = None  # seeded requests sample from their own stream
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache, or in a step already scheduled
+    num_pending: int = 0  # sampled tokens still on the device (scheduled steps not yet collected)
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0  # times its KV was dropped to be recomputed
     text: str = ""  # detokenized output so far (stop string removed)
@@ -47,10 +54,18 @@ class Request:
     top_logprobs: list[list[Logprob]] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    detokenizer: IncrementalDetokenizer | None = None  # made by the output processor at the first token
+    num_sent_tokens: int = 0  # DELTA outputs: output tokens (and their logprobs) handed out so far
+    num_sent_chars: int = 0  # DELTA outputs: characters of text handed out so far
+    done_sent: bool = False  # its last output (finished) has been handed out
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens_with_pending(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,10 +1,14 @@
-"""ModelRunner: turns a SchedulerOutput into one forward pass and sampled tokens.
+"""ModelRunner: turns a SchedulerOutput into one forward pass and sampled tokens, in two halves
+so that the engine can collect the previous step in between:
 
-  SchedulerOutput ─> flat input_ids/positions + AttentionMetadata ─> model ─> hidden [T, H]
-      ─> rows that sample (last token of each finishing chunk) ─> logits ─> Sampler ─> tokens
-Before the forward it hands the next step's lengths to the KV manager, so pages for the next
-step are mapped in the background while this one computes. Decode-only steps replay a CUDA graph
-of the model body when the runner has them (graphs.py).
+  launch(sched): StepInputs ─> StepStaging (pinned, one copy per dtype) ─> model ─> logits
+      token ids still on the device (the previous step's samples) are gathered there
+  sample(launched, alive): Sampler on the device ─> PendingSample (ids stay on the device for the
+      next step's inputs; one non-blocking copy to pinned host memory)
+  PendingSample.result(): waits for that copy ─> StepResult
+
+Nothing in launch or sample waits for the device. Decode-only steps replay a CUDA graph of the
+model body when the runner has them (graphs.py).
 """
 
 from __future__ import annotations
@@ -14,43 +18,46 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling import Sampler, SamplingBatch
-from .graphs import DecodeGraphs
+from ..attention import StepStaging, to_device
 from ..kv import KVManager
-from .scheduler import SchedulerOutput
+from ..sampling import HostCopy, Sampler, SamplingBatch
+from .graphs import DecodeGraphs
+from .step_io import SampledToken, SchedulerOutput, StepInputs, StepResult
 
 
 @dataclass
-class SampledToken:
-    token_id: int
-    logprob: float | None  # under the raw model distribution, when asked for
-    top_logprobs: list[tuple[int, float]]  # (token, logprob), most likely first, when asked for
+class LaunchedStep:
+    """A step whose forward is queued on the device."""
+
+    sched: SchedulerOutput
+    logits: torch.Tensor | None  # [sampling rows, vocab]; None when no sequence samples
 
 
 @dataclass
-class StepResult:
-    """What one step produced for its requests."""
+class PendingSample:
+    """A step's sampled tokens on their way to the host."""
 
-    sampled: dict[str, SampledToken]  # request id -> its new token (requests whose chunk completed)
-    failed: dict[str, str]  # request id -> why choosing its token failed (only that request ends)
+    request_ids: list[str]  # the sampled rows' requests, in row order
+    copy: HostCopy | None  # None: nothing was sampled
+    errors: dict[str, str]  # request id -> why its sampling failed
 
-
-@dataclass
-class StepInputs:
-    """One forward pass in plain values: what rank 0 sends every tensor-parallel rank."""
-
-    token_ids: list[int]  # the step's tokens, sequence after sequence
-    positions: list[int]  # each token's position in its sequence
-    request_ids: list[str]  # the sequences, in batch order
-    query_lens: list[int]  # tokens each sequence adds
-    seq_lens: list[int]  # tokens each sequence holds after the step
-    sample_rows: list[int]  # rows whose logits are sampled (last token of each finishing chunk)
-    next_lengths: dict[str, int]  # what each sequence may hold after the next step (for prepare)
+    def result(self) -> StepResult:
+        if self.copy is None:
+            return StepResult({}, self.errors)
+        out = self.copy.result()
+        sampled = {}
+        for i, request_id in enumerate(self.request_ids):
+            if request_id not in self.errors:
+                sampled[request_id] = SampledToken(
+                    out.token_ids[i], out.logprobs[i] if out.logprobs is not None else None,
+                    out.top_logprobs[i] if out.top_logprobs is not None else [])
+        return StepResult(sampled, self.errors)
 
 
 class ModelRunner:
     def __init__(self, model, kv: KVManager, backend, sampler: Sampler, device: torch.device,
-                 max_num_batched_tokens: int, before_forward: Callable[[StepInputs], None] | None = None):
+                 max_num_batched_tokens: int, max_num_seqs: int,
+                 before_forward: Callable[[StepInputs], None] | None = None, prepare_next: bool = False):
         self.model = model
         self.kv = kv
         self.backend = backend
@@ -58,38 +65,69 @@ class ModelRunner:
         self.device = device
         self.max_num_batched_tokens = max_num_batched_tokens
         self.before_forward = before_forward  # tensor parallel: send the step to the other ranks
+        self.prepare_next = prepare_next  # hand the next step's lengths to the KV manager's mapper
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode-only steps, when enabled
+        # int64: ids, positions, write rows, sample rows, pending rows; int32: per-sequence
+        # arrays and (paged) block tables of every sequence at the longest context
+        per_token, per_seq = 5 * max_num_batched_tokens, 4 * (max_num_seqs + 1)
+        self.staging = StepStaging(device, per_token + per_seq)
+        self._last_ids: torch.Tensor | None = None  # the latest step's sampled ids, on the device
+        self._last_rows: dict[str, int] = {}  # request id -> its row in _last_ids
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Run the step; returns the sampled token of every request whose chunk completed. A
-        request whose sampling fails is reported in `failed`; the others keep their tokens."""
+        """launch + sample + wait: one step, synchronously."""
+        launched = self.launch(sched)
+        return self.sample(launched, [True] * len(launched.sched.scheduled)).result()
+
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
         inputs = self.step_inputs(sched)
         if self.before_forward is not None:
             self.before_forward(inputs)
-        logits = self.forward(inputs)
-        if logits is None:
-            return StepResult({}, {})
-        reqs = [item.request for item in sched.scheduled if item.samples]
+        return LaunchedStep(sched, self.forward(inputs, self._last_ids))
+
+    def sample(self, launched: LaunchedStep, alive: list[bool]) -> PendingSample:
+        """Sample the rows of the step's requests that are still alive (alive[i] for scheduled
+        item i; a request that finished since the step was scheduled samples nothing). A request
+        whose sampling fails is reported in `errors`; the others keep their tokens."""
+        rows, reqs = [], []
+        row = 0
+        for item, keep in zip(launched.sched.scheduled, alive):
+            if item.samples:
+                if keep:
+                    rows.append(row)
+                    reqs.append(item.request)
+                row += 1
+        self._last_rows = {r.request_id: i for i, r in enumerate(reqs)}
+        if not reqs:
+            self._last_ids = None
+            return PendingSample([], None, {})
+        logits = launched.logits
+        if len(rows) < logits.shape[0]:
+            logits = logits[to_device(rows, torch.long, self.device)]
         batch = SamplingBatch(params=[r.params for r in reqs],
                               prompt_token_ids=[r.prompt_token_ids for r in reqs],
                               output_token_ids=[r.output_token_ids for r in reqs],
                               generators=[r.generator for r in reqs])
         with torch.inference_mode():
-            out, errors = self.sampler.sample_isolated(logits, batch)
+            sample, errors = self.sampler.sample_isolated(logits, batch)
+        self._last_ids = sample.token_ids
         failed = {reqs[i].request_id: f"sampling failed: {type(e).__name__}: {e}" for i, e in errors.items()}
-        sampled = {r.request_id: SampledToken(
-                       out.token_ids[i], out.logprobs[i] if out.logprobs is not None else None,
-                       out.top_logprobs[i] if out.top_logprobs is not None else [])
-                   for i, r in enumerate(reqs) if i not in errors}
-        return StepResult(sampled, failed)
+        return PendingSample([r.request_id for r in reqs], sample.start_copy(), failed)
 
     def step_inputs(self, sched: SchedulerOutput) -> StepInputs:
+        """The step in plain values. A token past what the host knows (prompt + output so far)
+        is pending: its id is read on the device from the previous step's sample."""
         inputs = StepInputs([], [], [], [], [], [], self._next_lengths(sched))
         row = 0
         for item in sched.scheduled:
-            req, start = item.request, item.request.num_computed_tokens
+            req, start = item.request, item.start
             end = start + item.num_new_tokens
-            inputs.token_ids += req.token_ids(start, end)
+            known = min(end, req.num_tokens)
+            inputs.token_ids += req.token_ids(start, known)
+            for pos in range(max(start, known), end):
+                inputs.pending_rows.append(row + pos - start)
+                inputs.pending_from.append(self._last_rows[req.request_id])
+                inputs.token_ids.append(0)
             inputs.positions += range(start, end)
             inputs.request_ids.append(req.request_id)
             inputs.query_lens.append(item.num_new_tokens)
@@ -100,20 +138,31 @@ class ModelRunner:
         return inputs
 
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+    def forward(self, inputs: StepInputs, last_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """The model over the step's tokens; logits [num_sample_rows, vocab] float32, or None
-        when no sequence samples this step. Every tensor-parallel rank runs this."""
-        self.kv.prepare(inputs.next_lengths)
-        meta = self.kv.build_metadata(inputs.request_ids, inputs.query_lens, inputs.seq_lens, self.device)
-        ids = torch.tensor(inputs.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
+        when no sequence samples this step. Every tensor-parallel rank runs this (never with
+        pending tokens: those ranks have no sampled ids)."""
+        if self.prepare_next:
+            self.kv.prepare(inputs.next_lengths)
+        staging = self.staging
+        staging.begin()
+        meta = self.kv.build_metadata(inputs.request_ids, inputs.query_lens, inputs.seq_lens, self.device,
+                                      staging)
+        ids = staging.add(inputs.token_ids, torch.int64)
+        pos = staging.add(inputs.positions, torch.int64)
+        rows = staging.add(inputs.sample_rows, torch.int64)
+        if inputs.pending_rows:
+            dst = staging.add(inputs.pending_rows, torch.int64)
+            src = staging.add(inputs.pending_from, torch.int64)
+        staging.commit()
+        if inputs.pending_rows:
+            ids.index_copy_(0, dst, last_ids.index_select(0, src))
         if self.graphs is not None and self.graphs.fits(meta):
             hidden = self.graphs.run(ids, pos, meta)  # [T, hidden]
         else:
             hidden = self.model(ids, pos, self.kv.layer_caches(), meta, self.backend)
         if not inputs.sample_rows:
             return None
-        rows = torch.tensor(inputs.sample_rows).to(self.device, non_blocking=True)
         return self.model.compute_logits(hidden[rows])  # [num_sampling, vocab]
 
     def _next_lengths(self, sched: SchedulerOutput) -> dict[str, int]:
@@ -121,7 +170,7 @@ class ModelRunner:
         lengths = {}
         for item in sched.scheduled:
             req = item.request
-            end = req.num_computed_tokens + item.num_new_tokens
+            end = item.start + item.num_new_tokens
             remaining = req.num_tokens - end
             lengths[req.request_id] = end + (1 if item.samples else min(remaining, self.max_num_batched_tokens))
         return lengths

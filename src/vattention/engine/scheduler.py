@@ -1,9 +1,18 @@
-"""Scheduler: continuous batching by counters under a per-step token budget.
+"""Scheduler: owns every request's state; continuous batching by counters under a per-step token
+budget, and the one place a step's results are applied.
+
+    schedule()                 which tokens of which requests the next step computes
+    update_from_output(s, r)   step s's sampled tokens appended, stop rules applied, requests finished
+    finish / fail              a request ends (its KV freed), whoever decides it
 
 Each step: running requests first (in arrival order), each taking min(remaining, budget) tokens;
 a request whose KV cannot grow preempts the newest running request (its KV is dropped and
 recomputed later). Then waiting requests are admitted while budget, slots and KV memory allow.
-The output names exactly which tokens of which request the step computes.
+Scheduling advances a request's num_computed_tokens at once, and a chunk that samples counts
+one pending token, so the next step can be scheduled before this one's tokens are known (the
+overlapped loop): a request whose pending token is its last (max_tokens) is not scheduled
+again, and one that stops at that token otherwise (EOS, stop string) has computed one extra
+token by then, which update_from_output discards.
 
 A request whose KV allocation raises (a driver error, say) fails alone: it is finished with
 finish_reason "error" and listed in the output's `failed`; the rest of the batch is scheduled.
@@ -12,30 +21,17 @@ finish_reason "error" and listed in the output's `failed`; the rest of the batch
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from ..kv import KVManager
+from .output_processor import OutputProcessor
 from .request import Request, RequestStatus
-
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int  # computes tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)
-    samples: bool  # the chunk reaches the end of the known tokens: sample the next one
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)  # in batch order
-    preempted: list[Request] = field(default_factory=list)  # dropped this step, to be recomputed
-    failed: list[Request] = field(default_factory=list)  # finished with an error while scheduling
-    num_batched_tokens: int = 0  # sum of num_new_tokens
+from .step_io import ScheduledRequest, SchedulerOutput, StepResult
 
 
 class Scheduler:
-    def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVManager, outputs: OutputProcessor, max_num_seqs: int, max_num_batched_tokens: int):
         self.kv = kv
+        self.outputs = outputs
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -48,6 +44,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # ---- scheduling ---------------------------------------------------------------------------
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -56,7 +54,9 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_output_tokens_with_pending >= req.max_tokens:
+                continue  # its last token is on its way; it finishes when that arrives
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             while not self._allocate(req, req.num_computed_tokens + n, out):
                 if req.finished:
                     break
@@ -71,6 +71,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
+            if req.num_pending:
+                break  # preempted while its last token was on the device: admitted once it arrives
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._allocate(req, n, out):
                 if req.finished:
@@ -94,10 +96,15 @@ class Scheduler:
             return False
 
     def _schedule(self, req: Request, n: int) -> ScheduledRequest:
-        return ScheduledRequest(req, n, req.num_computed_tokens + n == req.num_tokens)
+        start = req.num_computed_tokens
+        samples = start + n == req.num_tokens + req.num_pending
+        req.num_computed_tokens += n
+        req.num_pending += samples
+        return ScheduledRequest(req, start, n, samples)
 
     def _preempt(self, req: Request) -> None:
-        """Drop the request's KV; it goes back to the front of the queue to be recomputed."""
+        """Drop the request's KV; it goes back to the front of the queue to be recomputed (a
+        token still pending for it is appended when its step is collected)."""
         self.running.remove(req)
         self.kv.free(req.request_id)
         req.status = RequestStatus.WAITING
@@ -105,6 +112,50 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    # ---- results ------------------------------------------------------------------------------
+
+    def update_from_output(self, sched: SchedulerOutput, result: StepResult) -> list[Request]:
+        """Apply a step's results; returns the requests whose state changed (in batch order,
+        those that failed while it was scheduled first). A token for a request that finished
+        after the step was scheduled (aborted, or stopped by the step before) is discarded."""
+        touched = list(sched.failed)
+        for item in sched.scheduled:
+            if not item.samples:
+                continue
+            req = item.request
+            req.num_pending -= 1
+            if req.finished:
+                continue
+            error = result.failed.get(req.request_id)
+            token = result.sampled.get(req.request_id)
+            if error is None and token is None:
+                continue
+            if error is None:
+                try:
+                    reason = self.outputs.append(req, token)
+                except Exception as e:  # noqa: BLE001 - e.g. detokenizing: this request's alone
+                    error = f"processing its output failed: {type(e).__name__}: {e}"
+                else:
+                    if reason is not None:
+                        self.finish(req, reason)
+            if error is not None:
+                self.fail(req, error)
+            touched.append(req)
+        return touched
+
+    def forget_step(self, sched: SchedulerOutput) -> None:
+        """A scheduled step that never ran (its forward failed, or it was abandoned with it):
+        its requests drop their KV and recompute, so that no count claims what no step did."""
+        for item in sched.scheduled:
+            req = item.request
+            req.num_pending -= item.samples
+            if req.status is RequestStatus.RUNNING:
+                self._preempt(req)
+                self.num_preemptions -= 1  # not a preemption for memory
+                req.num_preemptions -= 1
+            elif req.status is RequestStatus.WAITING:
+                req.num_computed_tokens = 0
 
     def finish(self, req: Request, reason: str) -> None:
         if req.status is RequestStatus.RUNNING:

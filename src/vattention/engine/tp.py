@@ -22,7 +22,7 @@ import torch
 
 from ..distributed import TPGroup, WorkerProcesses, init_group, local_store, torchrun_env
 from ..kv import KVManager, KVUsage
-from .runner import StepInputs
+from .step_io import StepInputs
 
 REAP_WAIT_S = 5.0  # how long rank 0's error waits for a worker that has ended to be reaped
 
@@ -178,7 +178,7 @@ def run_worker(group: TPGroup, build) -> None:
 
 def spawn_entry(config, rank: int, world_size: int, store_port: int) -> None:
     """Target of a spawned worker process (one machine); rank 0 hosts the store on store_port."""
-    from .engine import build_rank
+    from .rank import build_rank
     pc = config.parallel
     _share_cpu_threads(world_size)
     store = local_store(world_size, pc.distributed_timeout_s, store_port)
@@ -210,7 +210,7 @@ def start_group(config) -> tuple[TPGroup, WorkerProcesses | None]:
                              f"{pc.tensor_parallel_size}; make them equal")
         group = init_group(rank, world_size, local_rank, pc.distributed_backend, pc.distributed_timeout_s)
         if rank != 0:
-            from .engine import build_rank
+            from .rank import build_rank
             run_worker(group, lambda g: build_rank(config, g).runner)
             raise SystemExit(0)
         return group, None

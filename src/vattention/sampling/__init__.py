@@ -11,8 +11,8 @@ Data flow, once per engine step (the model runner owns the call, the sampler hol
 decoding). Depends only on torch and `vattention.sampling_params`.
 """
 
-from .sampler import (GREEDY_TEMPERATURE, Sampler, SamplerOutput, SamplingBatch, apply_logit_bias,
+from .sampler import (GREEDY_TEMPERATURE, DeviceSample, HostCopy, Sampler, SamplerOutput, SamplingBatch, apply_logit_bias,
                       apply_penalties, draw, sampling_probs)
 
-__all__ = ["Sampler", "SamplingBatch", "SamplerOutput", "apply_penalties", "apply_logit_bias",
+__all__ = ["Sampler", "SamplingBatch", "SamplerOutput", "DeviceSample", "HostCopy", "apply_penalties", "apply_logit_bias",
            "sampling_probs", "draw", "GREEDY_TEMPERATURE"]

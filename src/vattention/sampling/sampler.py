@@ -7,10 +7,15 @@ Per row, in this order (vLLM / HF / OpenAI semantics):
         │                   └──► sampled rows: / temperature ─► top-k ─► top-p ─► min-p ─► draw
         └──► logprobs / top_logprobs (log_softmax of the raw logits, never of the processed ones)
 
-Everything runs batched on the logits' device with per-row parameter tensors; the only per-row
-loop is the draw for seeded rows, so that a seeded row's token depends on nothing but its own
-logits, params and generator (not on the other rows or their order). Nothing waits on the device
-until the end, where the chosen ids (and asked-for logprobs) leave it in one transfer per step.
+Everything runs batched on the logits' device with per-row parameter tensors (sent through
+pinned memory: nothing here waits for the device); the only per-row loop is the draw for seeded
+rows, so that a seeded row's token depends on nothing but its own logits, params and generator
+(not on the other rows or their order).
+
+    sample(logits, batch) ─> DeviceSample: the ids stay on the device (the next step's inputs
+        read them there); .start_copy() ─> HostCopy: one non-blocking transfer of ids and
+        asked-for logprobs into pinned memory; .result() waits for it ─> SamplerOutput
+    Sampler()(logits, batch) is the three at once.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from vattention.sampling_params import SamplingParams
+
+from ..attention.staging import to_device
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS): argmax is the limit of the softmax as
 # temperature -> 0, and dividing by a tinier one can overflow float32 logits to inf (then NaN).
@@ -69,30 +76,72 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
+@dataclass
+class DeviceSample:
+    """The chosen tokens of a step, still on the device."""
+
+    token_ids: torch.Tensor  # [num_rows] long
+    packed: torch.Tensor  # what the host needs: token_ids, or [num_rows, 2 + 2 * max_top] float64 (_pack)
+    wanted: list[int | None]  # each row's params.logprobs
+    max_top: int  # top-logprob columns packed per row
+    ready: SamplerOutput | None = None  # already on the host (the row-by-row fallback)
+
+    def start_copy(self) -> HostCopy:
+        """Start the one transfer to the host; returns at once on CUDA."""
+        if self.ready is not None or self.packed.device.type != "cuda":
+            return HostCopy(self, self.packed, None)
+        host = torch.empty(self.packed.shape, dtype=self.packed.dtype, pin_memory=True)
+        host.copy_(self.packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return HostCopy(self, host, event)
+
+
+@dataclass
+class HostCopy:
+    sample: DeviceSample
+    host: torch.Tensor  # pinned host memory the copy lands in (or the CPU tensor itself)
+    event: torch.cuda.Event | None  # recorded after the copy
+
+    def result(self) -> SamplerOutput:
+        """Wait for the copy, then unpack it into host lists."""
+        s = self.sample
+        if s.ready is not None:
+            return s.ready
+        if self.event is not None:
+            self.event.synchronize()
+        return _unpack(self.host.tolist(), s.wanted, s.max_top)
+
+
 class Sampler:
     """Stateless: call once per engine step with the logits of the rows that sample."""
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        return self.sample(logits, batch).start_copy().result()
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
+        """Choose each row's token on the logits' device; nothing waits for the device."""
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
             raise ValueError(f"logits must be [num_rows={batch.num_rows}, vocab], "
                              f"got {list(logits.shape)}")
         if batch.num_rows == 0:
-            return SamplerOutput(token_ids=[], logprobs=None, top_logprobs=None)
+            ids = torch.empty(0, dtype=torch.long, device=logits.device)
+            return DeviceSample(ids, ids, [], 0)
         # [num_rows, vocab]; aliases the caller's tensor when already float32: nothing in-place
         raw = logits.to(torch.float32)
         penalized = apply_logit_bias(apply_penalties(raw, batch), batch.params)
         token_ids = penalized.argmax(dim=-1)  # [num_rows]; kept for the greedy rows
         sampled = [i for i, p in enumerate(batch.params) if p.temperature >= GREEDY_TEMPERATURE]
         if sampled:
-            rows = torch.tensor(sampled, dtype=torch.long, device=logits.device)
+            rows = to_device(sampled, torch.long, logits.device)
             probs = sampling_probs(penalized[rows], [batch.params[i] for i in sampled])
             token_ids[rows] = draw(probs, [batch.generators[i] for i in sampled])
-        return _to_host(raw, token_ids, batch.params)
+        return _pack(raw, token_ids, batch.params)
 
     def sample_isolated(self, logits: torch.Tensor, batch: SamplingBatch
-                        ) -> tuple[SamplerOutput, dict[int, Exception]]:
-        """As calling the sampler, but a row whose sampling raises fails alone: the other rows get
-        the tokens a batch without it would give them. Returns the output (a failed row's entries
+                        ) -> tuple[DeviceSample, dict[int, Exception]]:
+        """As sample(), but a row whose sampling raises fails alone: the other rows get the
+        tokens a batch without it would give them. Returns the sample (a failed row's entries
         are placeholders: token -1, logprob nan, no top logprobs) and the error of each failed row.
 
         The batch is tried whole first; only if it raises is each row sampled on its own, after
@@ -100,7 +149,7 @@ class Sampler:
         ones they would have made had the batch succeeded."""
         states = [g.get_state() if g is not None else None for g in batch.generators]
         try:
-            return self(logits, batch), {}
+            return self.sample(logits, batch), {}
         except Exception:  # noqa: BLE001 - which row failed is found below, row by row
             pass
         for generator, state in zip(batch.generators, states):
@@ -113,7 +162,7 @@ class Sampler:
             row = SamplingBatch([batch.params[i]], [batch.prompt_token_ids[i]],
                                 [batch.output_token_ids[i]], [batch.generators[i]])
             try:
-                one = self(logits[i:i + 1], row)
+                one = self.sample(logits[i:i + 1], row).start_copy().result()
             except Exception as e:  # noqa: BLE001 - this row's own error, reported for it alone
                 errors[i] = e
                 one = SamplerOutput([-1], [float("nan")], [[]])
@@ -121,7 +170,8 @@ class Sampler:
             if wants_logprobs:
                 out.logprobs += one.logprobs if one.logprobs is not None else [float("nan")]
                 out.top_logprobs += one.top_logprobs if one.top_logprobs is not None else [[]]
-        return out, errors
+        ids = to_device(out.token_ids, torch.long, logits.device)
+        return DeviceSample(ids, ids, [p.logprobs for p in batch.params], 0, ready=out), errors
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -136,8 +186,8 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         return logits
     vocab, device = logits.shape[1], logits.device
     params = [batch.params[i] for i in rows]
-    coeffs = torch.tensor([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty]
-                           for p in params], dtype=torch.float32, device=device)
+    coeffs = to_device([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty]
+                        for p in params], torch.float32, device)
     repetition, frequency, presence = (c[:, None] for c in coeffs.unbind(dim=1))  # each [rows, 1]
     output_counts = _token_counts([batch.output_token_ids[i] for i in rows], vocab, device)
     in_output = output_counts > 0  # [rows, vocab]
@@ -145,7 +195,7 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
                for i, p in zip(rows, params)]
     seen = in_output | (_token_counts(prompts, vocab, device) > 0)
 
-    index = torch.tensor(rows, dtype=torch.long, device=device)
+    index = to_device(rows, torch.long, device)
     x = logits[index]  # [rows, vocab]
     x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
     x = x - frequency * output_counts - presence * in_output
@@ -161,21 +211,20 @@ def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torc
         return logits
     rows, tokens, biases = zip(*entries)
     device = logits.device
-    return logits.index_put((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
-                            torch.tensor(biases, dtype=torch.float32, device=device), accumulate=True)
+    return logits.index_put((to_device(rows, torch.long, device), to_device(tokens, torch.long, device)),
+                            to_device(biases, torch.float32, device), accumulate=True)
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """[num_rows, vocab] penalized float32 logits of sampled rows -> [num_rows, vocab] probabilities
     after temperature, top-k, top-p and min-p; filtered-out tokens have probability exactly 0."""
     device, vocab = logits.device, logits.shape[1]
-    values = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params],
-                          dtype=torch.float32, device=device)
+    values = to_device([[p.temperature, p.top_p, p.min_p] for p in params], torch.float32, device)
     temperature, top_p, min_p = (v[:, None] for v in values.unbind(dim=1))  # each [rows, 1]
     logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT) / temperature.clamp(GREEDY_TEMPERATURE, MAX_TEMPERATURE)
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if any(k < vocab for k in top_k) or any(p.top_p < 1.0 for p in params):
-        top_k_t = torch.tensor(top_k, dtype=torch.long, device=device)[:, None]
+        top_k_t = to_device(top_k, torch.long, device)[:, None]
         logits = _mask_top_k_top_p(logits, top_k_t, top_p)
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0 for p in params):
@@ -217,7 +266,7 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
     token_ids = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        rows = torch.tensor(unseeded, dtype=torch.long, device=probs.device)
+        rows = to_device(unseeded, torch.long, probs.device)
         token_ids[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
     for i, generator in enumerate(generators):
         if generator is not None:
@@ -237,27 +286,33 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
     counts = torch.zeros(len(kept), vocab + 1, dtype=torch.float32, device=device)
     if width:
         # id `vocab` pads the ragged lists into one column that is dropped below
-        padded = torch.tensor([ids + [vocab] * (width - len(ids)) for ids in kept],
-                              dtype=torch.long, device=device)  # [len(token_lists), width]
+        padded = to_device([ids + [vocab] * (width - len(ids)) for ids in kept],
+                           torch.long, device)  # [len(token_lists), width]
         counts.scatter_add_(1, padded, torch.ones(padded.shape, dtype=torch.float32, device=device))
     return counts[:, :vocab]
 
 
-def _to_host(raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
+def _pack(raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> DeviceSample:
     """The chosen ids and, for rows that asked, logprobs under log_softmax of the raw logits
-    ([num_rows, vocab]), brought to the host in one transfer: ids, the chosen token's logprob and
-    the top ids and logprobs are packed as columns of one float64 tensor (exact for ids < 2^53 and
-    for every float32 logprob)."""
+    ([num_rows, vocab]), ready to go to the host in one transfer: ids, the chosen token's logprob
+    and the top ids and logprobs as columns of one float64 tensor (exact for ids < 2^53 and for
+    every float32 logprob); just the ids when no row asked."""
     wanted = [p.logprobs for p in params]
     if all(n is None for n in wanted):
-        return SamplerOutput(token_ids.tolist(), None, None)
+        return DeviceSample(token_ids, token_ids, wanted, 0)
     logprobs = raw.log_softmax(dim=-1)  # [num_rows, vocab]
     columns = [token_ids[:, None].double(), logprobs.gather(1, token_ids[:, None]).double()]
     max_top = min(max(n or 0 for n in wanted), raw.shape[1])
     if max_top:
         top_values, top_ids = logprobs.topk(max_top, dim=-1)  # [num_rows, max_top], most likely first
         columns += [top_ids.double(), top_values.double()]
-    host = torch.cat(columns, dim=1).tolist()  # [num_rows, 2 + 2 * max_top]: the one transfer
+    return DeviceSample(token_ids, torch.cat(columns, dim=1), wanted, max_top)
+
+
+def _unpack(host: list, wanted: list[int | None], max_top: int) -> SamplerOutput:
+    """SamplerOutput from the host list of what _pack packed."""
+    if all(n is None for n in wanted):
+        return SamplerOutput(host, None, None)
     ids = [int(row[0]) for row in host]
     chosen = [row[1] for row in host]
     top = [list(zip(map(int, row[2:2 + n]), row[2 + max_top:2 + max_top + n])) if n else []

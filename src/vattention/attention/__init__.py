@@ -6,14 +6,19 @@ none reads global state, none imports the scheduler or engine.
         backend.forward: attends over each sequence's [0, seq_len) tokens.
 
 Contiguous caches (vattention, static) are read as dense strided tensors; paged caches through
-block tables. See backends.py and flex_paged.py for the kernels behind each name, select.py for the choice.
+block tables. base.py holds the AttentionBackend protocol every backend satisfies; backends.py and
+flex_paged.py the kernels behind each name; select.py the choice.
 """
 
-from .backends import FlashBackend, LayerKV, ReferenceBackend, SDPABackend, TritonBackend, write_kv
+from .backends import FlashBackend, ReferenceBackend, SDPABackend, TritonBackend, write_kv
+from .base import AttentionBackend, LayerKV
 from .flex_paged import FlexPagedBackend
 from .metadata import AttentionMetadata, build_contiguous_metadata, build_paged_metadata
+from .staging import StepStaging, to_device
 from .select import BACKENDS, make_backend
 
-__all__ = ["AttentionMetadata", "build_contiguous_metadata", "build_paged_metadata", "LayerKV", "write_kv",
+__all__ = ["AttentionBackend", "AttentionMetadata",
+           "build_contiguous_metadata", "build_paged_metadata", "StepStaging", "to_device",
+           "LayerKV", "write_kv",
            "FlashBackend", "TritonBackend", "SDPABackend", "ReferenceBackend", "FlexPagedBackend",
            "BACKENDS", "make_backend"]

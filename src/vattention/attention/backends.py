@@ -3,7 +3,7 @@
 All take q [num_tokens, H_q, D], k/v [num_tokens, H_kv, D] for the step's new tokens and return
 [num_tokens, H_q, D]. The caller has stored k/v at meta.kv_write_index first: the model's layer
 does it inside its rotary kernel (models/fused.py rotary_qk_store), anyone else with write_kv.
-The layer's cache is a LayerKV: flat rows for writing, plus either the contiguous views
+The layer's cache is a LayerKV (base.py): flat rows for writing, plus either the contiguous views
 (vattention, static) or the block pool (paged).
 
   contiguous: flash (FA2 varlen reading the virtual tensors), triton (our split-KV decode + FA2
@@ -16,24 +16,12 @@ Which one serves a cache is chosen in select.py.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .base import LayerKV
 from .metadata import AttentionMetadata, to_device
-
-
-@dataclass
-class LayerKV:
-    """One layer's cache as a KV manager hands it out (views, never copies)."""
-
-    k_flat: torch.Tensor  # [num_rows, H_kv, D]: row = where one token's K lives
-    v_flat: torch.Tensor  # [num_rows, H_kv, D]
-    k: torch.Tensor | None = None  # contiguous: [max_seqs, max_seq_len, H_kv, D]
-    v: torch.Tensor | None = None
-    k_blocks: torch.Tensor | None = None  # paged: [num_blocks, block_size, H_kv, D]
-    v_blocks: torch.Tensor | None = None
 
 
 def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:

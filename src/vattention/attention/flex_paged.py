@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from .backends import LayerKV
+from .base import LayerKV
 from .metadata import AttentionMetadata, to_device
 
 FLEX_KV_TILE = 128  # compiled flex_attention reads KV in tiles of 128 rows: blocks must hold whole tiles

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .backends import FlashBackend, ReferenceBackend, SDPABackend, TritonBackend
+from .base import AttentionBackend
 from .flex_paged import FlexPagedBackend
 
 BACKENDS = {"contiguous": {"flash": FlashBackend, "triton": TritonBackend, "sdpa": SDPABackend,
@@ -16,7 +17,8 @@ BACKENDS = {"contiguous": {"flash": FlashBackend, "triton": TritonBackend, "sdpa
 CUDA_ONLY = ("flash", "triton")
 
 
-def make_backend(name: str, kv_kind: str, head_dim: int, device: torch.device, block_size: int = 0):
+def make_backend(name: str, kv_kind: str, head_dim: int, device: torch.device,
+                 block_size: int = 0) -> AttentionBackend:
     """`auto` = triton on CUDA (our split-KV decode, FA2 for prefill chunks), sdpa on CPU.
     `block_size` is the paged cache's tokens per block (the flex backend's KV block).
 

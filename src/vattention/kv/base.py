@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..attention import AttentionMetadata, LayerKV
+from ..attention import AttentionMetadata, LayerKV, StepStaging
 from ..memory import KVCacheSpec
 
 
@@ -16,13 +16,13 @@ class KVUsage:
     """A snapshot of KV memory, comparable across designs."""
 
     bytes_used: int  # bytes of tokens the running requests hold
-    bytes_committed: int  # bytes set aside for them: mapped pages, allocated blocks, reservations
+    bytes_committed: int  # pages_mapped * page_bytes: mapped pages, allocated blocks, reservations
     bytes_capacity: int  # the budget
     num_requests: int  # requests holding KV now
     page_bytes: int  # the design's unit of memory: a physical page, a block, or one request's reservation
     pages_total: int  # units in the budget
-    pages_mapped: int  # units mapped/allocated/reserved now (busy or kept for reuse)
-    pages_free: int  # units free to hand out now
+    pages_mapped: int  # units mapped/allocated/reserved now: busy, kept for reuse, or the padding unit
+    pages_free: int  # units free to hand out now: pages_total - pages_mapped (less pages a map job holds)
     counters: dict = field(default_factory=dict)  # design-specific running totals (e.g. pages mapped in background)
 
     @property
@@ -30,7 +30,10 @@ class KVUsage:
         return self.bytes_used / self.bytes_committed if self.bytes_committed else 1.0
 
 
+@runtime_checkable
 class KVManager(Protocol):
+    """Where each request's KV lives. usage() runs every engine step: O(1), from running counters."""
+
     kind: str  # "contiguous" or "paged": which attention backends can read it
     max_tokens_per_request: int  # the most tokens one request can ever hold (budget and context)
 
@@ -43,7 +46,9 @@ class KVManager(Protocol):
         """The next step's lengths, so memory can be readied while this step computes."""
 
     def build_metadata(self, request_ids: list[str], query_lens: list[int], seq_lens: list[int],
-                       device: torch.device) -> AttentionMetadata: ...
+                       device: torch.device, staging: StepStaging | None = None) -> AttentionMetadata:
+        """The step's attention metadata; its device arrays go through `staging` when given
+        (the runner's persistent pinned buffers, committed before the forward)."""
 
     def layer_caches(self) -> list[LayerKV]: ...
 

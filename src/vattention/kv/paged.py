@@ -39,6 +39,7 @@ class PagedKVManager:
         self._free_blocks = list(range(self.num_blocks - 1, -1, -1))  # a stack: pop() is the next
         self._tables: dict[str, list[int]] = {}  # request id -> its blocks in token order
         self._tokens: dict[str, int] = {}  # request id -> tokens it holds
+        self._num_tokens = 0  # sum of _tokens, kept as they change: usage() runs every step
         self._padding_block: int | None = None  # padded graph batches write and read its first row
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
@@ -49,19 +50,20 @@ class PagedKVManager:
         if need > 0:
             table = table + [self._free_blocks.pop() for _ in range(need)]
         self._tables[request_id] = table
+        self._num_tokens += num_tokens - self._tokens.get(request_id, 0)
         self._tokens[request_id] = num_tokens
         return True
 
     def free(self, request_id: str) -> None:
         self._free_blocks.extend(reversed(self._tables.pop(request_id, [])))
-        self._tokens.pop(request_id, None)
+        self._num_tokens -= self._tokens.pop(request_id, 0)
 
     def prepare(self, lengths: dict[str, int]) -> None:
         pass  # blocks are preallocated: growth is a list pop, nothing to overlap
 
-    def build_metadata(self, request_ids, query_lens, seq_lens, device) -> AttentionMetadata:
+    def build_metadata(self, request_ids, query_lens, seq_lens, device, staging=None) -> AttentionMetadata:
         return build_paged_metadata([self._tables[r] for r in request_ids], self.block_size,
-                                    query_lens, seq_lens, device)
+                                    query_lens, seq_lens, device, staging)
 
     def layer_caches(self) -> list[LayerKV]:
         return self._caches
@@ -76,8 +78,8 @@ class PagedKVManager:
         return self._padding_block * self.block_size
 
     def usage(self) -> KVUsage:
-        blocks = sum(len(t) for t in self._tables.values())
-        return KVUsage(sum(self._tokens.values()) * self.spec.bytes_per_token, blocks * self.block_bytes,
+        blocks = self.num_blocks - len(self._free_blocks)  # the requests' and the padding block
+        return KVUsage(self._num_tokens * self.spec.bytes_per_token, blocks * self.block_bytes,
                        self.num_blocks * self.block_bytes, len(self._tables), self.block_bytes,
                        self.num_blocks, blocks, len(self._free_blocks))
 

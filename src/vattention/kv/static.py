@@ -35,7 +35,8 @@ class StaticKVManager:
             self._caches.append(LayerKV(k_flat, v_flat, k=k, v=v))
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
         self._slots: dict[str, int] = {}  # request id -> slot
-        self._tokens: dict[str, int] = {}
+        self._tokens: dict[str, int] = {}  # request id -> tokens it holds
+        self._num_tokens = 0  # sum of _tokens, kept as they change: usage() runs every step
         self._padding_slot: int | None = None  # padded graph batches write and read its first row
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
@@ -43,6 +44,7 @@ class StaticKVManager:
             if not self._free_slots:
                 return False
             self._slots[request_id] = self._free_slots.pop()
+        self._num_tokens += num_tokens - self._tokens.get(request_id, 0)
         self._tokens[request_id] = num_tokens
         return True
 
@@ -50,14 +52,14 @@ class StaticKVManager:
         slot = self._slots.pop(request_id, None)
         if slot is not None:
             self._free_slots.append(slot)
-        self._tokens.pop(request_id, None)
+        self._num_tokens -= self._tokens.pop(request_id, 0)
 
     def prepare(self, lengths: dict[str, int]) -> None:
         pass  # everything was reserved at admission
 
-    def build_metadata(self, request_ids, query_lens, seq_lens, device) -> AttentionMetadata:
+    def build_metadata(self, request_ids, query_lens, seq_lens, device, staging=None) -> AttentionMetadata:
         return build_contiguous_metadata([self._slots[r] * self.spec.max_seq_len for r in request_ids],
-                                         query_lens, seq_lens, device)
+                                         query_lens, seq_lens, device, staging)
 
     def layer_caches(self) -> list[LayerKV]:
         return self._caches
@@ -73,10 +75,10 @@ class StaticKVManager:
         return self._padding_slot * self.spec.max_seq_len
 
     def usage(self) -> KVUsage:
-        return KVUsage(sum(self._tokens.values()) * self.spec.bytes_per_token,
-                       len(self._slots) * self.slot_bytes, self.num_slots * self.slot_bytes,
-                       len(self._slots), self.slot_bytes, self.num_slots, len(self._slots),
-                       len(self._free_slots))
+        reserved = self.num_slots - len(self._free_slots)  # the requests' and the padding slot
+        return KVUsage(self._num_tokens * self.spec.bytes_per_token, reserved * self.slot_bytes,
+                       self.num_slots * self.slot_bytes, len(self._slots), self.slot_bytes,
+                       self.num_slots, reserved, len(self._free_slots))
 
     def close(self) -> None:
         self._caches = []

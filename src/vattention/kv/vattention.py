@@ -25,6 +25,8 @@ class VAttentionKVManager:
         lay = self.cache.layout
         self.max_tokens_per_request = lay.tokens_in(self.cache.stats().pages_total // lay.num_tensors)
         self._slots: dict[str, int] = {}  # request id -> slot
+        self._tokens: dict[str, int] = {}  # request id -> tokens it holds
+        self._num_tokens = 0  # sum of _tokens (the padding slot's token is no request's)
         self._padding_slot: int | None = None  # holds one token that padded graph batches overwrite
         self._caches = []
         for layer in range(spec.num_layers):
@@ -44,20 +46,23 @@ class VAttentionKVManager:
                 self.cache.free(slot)
             return False
         self._slots[request_id] = slot
+        self._num_tokens += num_tokens - self._tokens.get(request_id, 0)
+        self._tokens[request_id] = num_tokens
         return True
 
     def free(self, request_id: str) -> None:
         slot = self._slots.pop(request_id, None)
         if slot is not None:
             self.cache.free(slot)
+            self._num_tokens -= self._tokens.pop(request_id)
 
     def prepare(self, lengths: dict[str, int]) -> None:
         self.cache.prepare({self._slots[r]: n for r, n in lengths.items() if r in self._slots})
 
-    def build_metadata(self, request_ids, query_lens, seq_lens, device) -> AttentionMetadata:
+    def build_metadata(self, request_ids, query_lens, seq_lens, device, staging=None) -> AttentionMetadata:
         stride = self.cache.slot_stride_tokens
         return build_contiguous_metadata([self._slots[r] * stride for r in request_ids],
-                                         query_lens, seq_lens, device)
+                                         query_lens, seq_lens, device, staging)
 
     def layer_caches(self) -> list[LayerKV]:
         return self._caches
@@ -69,11 +74,16 @@ class VAttentionKVManager:
                 raise RuntimeError("no KV memory left for the CUDA-graph padding slot; reserve it "
                                    "before admitting requests, or run with enforce_eager")
             self._padding_slot = slot
+            lay = self.cache.layout  # the padding slot's groups are out of every request's reach
+            total_groups = self.cache.stats().pages_total // lay.num_tensors
+            self.max_tokens_per_request = min(self.max_tokens_per_request,
+                                              lay.tokens_in(total_groups - lay.groups_for(1)))
         return self._padding_slot * self.cache.slot_stride_tokens
 
     def usage(self) -> KVUsage:
         st = self.cache.stats()
-        return KVUsage(st.bytes_used, st.bytes_mapped, st.pages_total * st.page_size,
+        return KVUsage(self._num_tokens * self.cache.spec.bytes_per_token, st.bytes_mapped,
+                       st.pages_total * st.page_size,
                        len(self._slots), st.page_size, st.pages_total, st.pages_mapped,
                        st.pages_free, counters=vars(st.counters))
 

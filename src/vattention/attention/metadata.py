@@ -70,16 +70,17 @@ def build_contiguous_metadata(starts: list[int], query_lens: list[int], seq_lens
 
 
 def build_paged_metadata(block_tables: list[list[int]], block_size: int, query_lens: list[int],
-                         seq_lens: list[int], device: torch.device,
-                         staging: StepStaging | None = None) -> AttentionMetadata:
-    """Sequences whose tokens live in the blocks listed by block_tables[i]."""
+                         seq_lens: list[int], device: torch.device, staging: StepStaging | None = None,
+                         padded: np.ndarray | None = None) -> AttentionMetadata:
+    """Sequences whose tokens live in the blocks listed by block_tables[i]; `padded` is the
+    same tables as one zero-padded int32 array, when the caller keeps them that way."""
     put = _putter(device, staging)
     write = [table[pos // block_size] * block_size + pos % block_size
              for table, q, n in zip(block_tables, query_lens, seq_lens) for pos in range(n - q, n)]
-    width = max(len(t) for t in block_tables)
-    padded = np.zeros((len(block_tables), width), dtype=np.int32)
-    for row, table in zip(padded, block_tables):
-        row[:len(table)] = table
+    if padded is None:
+        padded = np.zeros((len(block_tables), max(len(t) for t in block_tables)), dtype=np.int32)
+        for row, table in zip(padded, block_tables):
+            row[:len(table)] = table
     tables = staging.add_2d(padded, torch.int32) if staging is not None else to_device(padded, torch.int32, device)
     return AttentionMetadata(**_common(query_lens, seq_lens, write, put), block_tables=tables,
                              block_tables_host=block_tables, block_size=block_size)

@@ -2,10 +2,14 @@
 up front; a request's tokens live in the blocks its block table lists, in order.
 
   block table [7, 2, 9]   token t -> block table[t // block_size], offset t % block_size
+
+Each request's table also lives in a row of one int32 array, written where blocks are added,
+so a step's padded tables are one gather of rows, not a rebuild of every list.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..attention import AttentionMetadata, LayerKV, build_paged_metadata
@@ -41,6 +45,10 @@ class PagedKVManager:
         self._tokens: dict[str, int] = {}  # request id -> tokens it holds
         self._num_tokens = 0  # sum of _tokens, kept as they change: usage() runs every step
         self._padding_block: int | None = None  # padded graph batches write and read its first row
+        width = -(-self.max_tokens_per_request // block_size)
+        self._array = np.zeros((spec.max_seqs, width), dtype=np.int32)  # row i: a request's table, 0-padded
+        self._rows: dict[str, int] = {}  # request id -> its row of _array
+        self._free_rows = list(range(spec.max_seqs - 1, -1, -1))
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
         table = self._tables.get(request_id, [])
@@ -48,7 +56,10 @@ class PagedKVManager:
         if need > len(self._free_blocks):
             return False
         if need > 0:
-            table = table + [self._free_blocks.pop() for _ in range(need)]
+            new = [self._free_blocks.pop() for _ in range(need)]
+            row = self._row(request_id)  # before reading self._array: it may grow the array
+            self._array[row, len(table):len(table) + need] = new
+            table = table + new
         self._tables[request_id] = table
         self._num_tokens += num_tokens - self._tokens.get(request_id, 0)
         self._tokens[request_id] = num_tokens
@@ -57,13 +68,29 @@ class PagedKVManager:
     def free(self, request_id: str) -> None:
         self._free_blocks.extend(reversed(self._tables.pop(request_id, [])))
         self._num_tokens -= self._tokens.pop(request_id, 0)
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            self._free_rows.append(row)
+
+    def _row(self, request_id: str) -> int:
+        row = self._rows.get(request_id)
+        if row is None:
+            if not self._free_rows:  # more requests hold blocks than max_seqs (capacity probes)
+                grown = len(self._array)
+                self._array = np.concatenate([self._array, np.zeros_like(self._array)])
+                self._free_rows = list(range(2 * grown - 1, grown - 1, -1))
+            row = self._rows[request_id] = self._free_rows.pop()
+        return row
 
     def prepare(self, lengths: dict[str, int]) -> None:
         pass  # blocks are preallocated: growth is a list pop, nothing to overlap
 
     def build_metadata(self, request_ids, query_lens, seq_lens, device, staging=None) -> AttentionMetadata:
-        return build_paged_metadata([self._tables[r] for r in request_ids], self.block_size,
-                                    query_lens, seq_lens, device, staging)
+        tables = [self._tables[r] for r in request_ids]
+        width = max(len(t) for t in tables)
+        rows = [self._row(r) for r in request_ids]  # a request holding no block yet has none
+        padded = self._array[rows, :width]  # a copy: later growth leaves it be
+        return build_paged_metadata(tables, self.block_size, query_lens, seq_lens, device, staging, padded)
 
     def layer_caches(self) -> list[LayerKV]:
         return self._caches

@@ -8,8 +8,9 @@ events while the engine produces them, or one JSON body at the end. If the clien
 the request is aborted at once (its KV memory freed): Starlette cancels a streaming response when
 the connection drops; a non-streaming one races its work against the http.disconnect message.
 Errors and the API key check are in errors.py; body size, read deadlines and memory in limits.py.
-A text far longer than the context could ever hold (more characters than context x the longest
-token) is refused before it is tokenized.
+What a request may be is the engine's rule (engine.limits, engine/validation.py), checked here as
+early as it can be: a text far longer than the context could ever hold (more characters than
+context x the longest token) is refused before it is tokenized. Its RequestError is a 400.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..engine.validation import RequestError
 from ..sampling_params import SamplingParams
 from .async_engine import (AsyncEngine, EngineOverloadedError, EngineStoppedError,
                            RequestFailedError, Submission)
@@ -36,9 +38,9 @@ from .protocol import (APIError, AssistantMessage, ChatChoice, ChatCompletionChu
                        ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatStreamChoice,
                        CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
                        DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-                       TokenizeRequest, TokenizeResponse, chat_logprobs, completion_logprobs,
-                       usage_of)
-from .stream import ChoiceDelta, DeltaTracker, Generation, finals, sse_events, unless_disconnected
+                       TokenizeRequest, TokenizeResponse, chat_logprobs, completion_logprobs)
+from .stream import (ChoiceDelta, DeltaTracker, Generation, finals, sse_events, unless_disconnected,
+                     usage_of)
 
 MAX_BATCHED_PROMPTS = 256  # prompts in one completions request (each is its own engine request)
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20  # ~8 MB of prompt text at most fits any context we serve
@@ -79,9 +81,8 @@ class OpenAIServer:
         self.metrics = ServerMetrics(lambda: async_engine.stats)
         engine = async_engine.engine
         self.tokenizer = engine.tokenizer  # None for token-id-only models
-        self.max_model_len = engine.max_model_len
-        self.context_limit = engine.max_request_tokens  # prompt + completion tokens per request
-        self.vocab_size = engine.model.config.vocab_size
+        self.limits = engine.limits  # what a request may be: context, vocabulary, text length
+        self.max_model_len = engine.limits.max_model_len
         self.sampling_defaults = engine.default_sampling  # the model's, for what a request leaves unset
 
     # ---- small endpoints ----------------------------------------------------------------------
@@ -107,7 +108,7 @@ class OpenAIServer:
             ids = await self._chat_prompt(body.messages, body.add_generation_prompt)
         else:
             tokenizer = self._need_tokenizer()
-            self._check_text_length(len(body.prompt), "prompt")
+            self.limits.check_text_length(len(body.prompt), "prompt")
             ids = await asyncio.to_thread(tokenizer.encode, body.prompt,
                                           add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)
@@ -115,7 +116,7 @@ class OpenAIServer:
     async def detokenize(self, request: HTTPRequest) -> DetokenizeResponse:
         body = await parse_body(request, DetokenizeRequest)
         self._check_model(body.model)
-        self._check_token_ids(body.tokens, "tokens")
+        self.limits.check_token_ids(body.tokens, "tokens")
         text = await asyncio.to_thread(self._need_tokenizer().decode, body.tokens,
                                        skip_special_tokens=False)
         return DetokenizeResponse(prompt=text)
@@ -130,10 +131,7 @@ class OpenAIServer:
         prompts = await self._completion_prompts(body.prompt)
         submissions = []  # (prompt ids, sampling params, echoed text) per prompt, all checked first
         for prompt_ids, prompt_text in prompts:
-            max_tokens = self._max_tokens(body.max_tokens, len(prompt_ids), "prompt")
-            params = body.to_sampling_params(max_tokens, self.sampling_defaults)
-            self._check_token_ids(list(params.logit_bias), "logit_bias")
-            self._check_context(len(prompt_ids), max_tokens, "prompt")
+            params = self._sampling_params(body, body.max_tokens, len(prompt_ids), "prompt")
             echo = ""
             if body.echo:
                 echo = prompt_text or self._need_tokenizer().decode(prompt_ids)
@@ -153,7 +151,7 @@ class OpenAIServer:
         if body.stream:
             usage_chunk = CompletionResponse(id=first.request_id, created=first.created,
                                              model=self.model_name, choices=[])
-            trackers = [DeltaTracker(params, echo) for _, params, echo in submissions]
+            trackers = [DeltaTracker(echo) for _, _, echo in submissions]
             return _sse(sse_events(gens, trackers, chunk, usage_chunk, body.include_usage))
         outs = await unless_disconnected(request, finals(gens))
         if outs is None:
@@ -169,16 +167,13 @@ class OpenAIServer:
                                                 stop_reason=c.stop_reason))
         return _json(CompletionResponse(id=first.request_id, created=first.created,
                                         model=self.model_name, choices=choices,
-                                        usage=usage_of(*outs)))
+                                        usage=usage_of(gens)))
 
     async def chat(self, request: HTTPRequest) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
         self._check_model(body.model)
         prompt_ids = await self._chat_prompt(body.messages, add_generation_prompt=True)
-        max_tokens = self._max_tokens(body.requested_max_tokens, len(prompt_ids), "messages")
-        params = body.to_sampling_params(max_tokens, self.sampling_defaults)
-        self._check_token_ids(list(params.logit_bias), "logit_bias")
-        self._check_context(len(prompt_ids), max_tokens, "messages")
+        params = self._sampling_params(body, body.requested_max_tokens, len(prompt_ids), "messages")
         [gen] = await self._submit("chatcmpl", [(prompt_ids, params)])
 
         def chunk(d: ChoiceDelta) -> ChatCompletionChunk:
@@ -192,7 +187,7 @@ class OpenAIServer:
         if body.stream:
             usage_chunk = ChatCompletionChunk(id=gen.request_id, created=gen.created,
                                               model=self.model_name, choices=[])
-            return _sse(sse_events([gen], [DeltaTracker(params)], lambda d, _: chunk(d), usage_chunk,
+            return _sse(sse_events([gen], [DeltaTracker()], lambda d, _: chunk(d), usage_chunk,
                                    body.include_usage))
         out = await unless_disconnected(request, gen.final())
         if out is None:
@@ -203,7 +198,7 @@ class OpenAIServer:
             finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
         return _json(ChatCompletionResponse(id=gen.request_id, created=gen.created,
                                             model=self.model_name, choices=choices,
-                                            usage=usage_of(out)))
+                                            usage=usage_of([gen])))
 
     # ---- request checks -----------------------------------------------------------------------
 
@@ -217,12 +212,6 @@ class OpenAIServer:
             raise APIError(400, "this model has no tokenizer; send prompts as token ids")
         return self.tokenizer
 
-    def _check_token_ids(self, ids: list[int], param: str) -> None:
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is out of range [0, {self.vocab_size})",
-                           param=param)
-
     async def _completion_prompts(self, prompt) -> list[tuple[list[int], str | None]]:
         """(token ids, text if given as text) of each prompt: a str, a list[int], or a batch of
         either (a list of str or of list[int]). Text is tokenized on a worker thread."""
@@ -234,21 +223,19 @@ class OpenAIServer:
         if texts:
             tokenizer = self._need_tokenizer()
             for text in texts:
-                self._check_text_length(len(text), "prompt")
+                self.limits.check_text_length(len(text), "prompt")
             encoded = iter(await asyncio.to_thread(lambda: [tokenizer.encode(t) for t in texts]))
         prompts = []
         for p in batch:
             ids, text = (next(encoded), p) if isinstance(p, str) else (list(p), None)
-            if not ids:
-                raise APIError(400, "the prompt is empty", param="prompt")
-            self._check_token_ids(ids, "prompt")
+            self.limits.check_prompt(ids, "prompt")
             prompts.append((ids, text))
         return prompts
 
     async def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
         tokenizer = self._need_tokenizer()
         conversation = [m.for_template() for m in messages]
-        self._check_text_length(sum(len(m.get("content") or "") for m in conversation), "messages")
+        self.limits.check_text_length(sum(len(m.get("content") or "") for m in conversation), "messages")
 
         def render_and_encode() -> list[int]:
             text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
@@ -261,34 +248,16 @@ class OpenAIServer:
             raise APIError(400, f"the chat template could not render the messages: {e}",
                            param="messages") from None
 
-    def _check_text_length(self, num_chars: int, noun: str) -> None:
-        """Refuse, before tokenizing it, a text that cannot fit: no token stands for more than
-        max_chars_per_token characters, so it has more tokens than the context holds."""
-        most_chars = self.context_limit * self.tokenizer.max_chars_per_token
-        if num_chars > most_chars:
-            raise APIError(400, f"This model's maximum context length is {self.context_limit} "
-                                f"tokens. However, your {noun} has {num_chars} characters, more "
-                                f"than {self.context_limit} tokens can spell ({most_chars}). "
-                                f"Please reduce the length of the {noun}.",
-                           param=noun, code="context_length_exceeded")
-
-    def _max_tokens(self, requested: int | None, prompt_len: int, noun: str) -> int:
-        """The completion budget: as asked, else all the context the prompt leaves."""
-        if prompt_len >= self.context_limit:
-            raise APIError(400, f"This model's maximum context length is {self.context_limit} "
-                                f"tokens. However, your {noun} resulted in {prompt_len} tokens, "
-                                f"which leaves no room for the completion. Please reduce the "
-                                f"length of the {noun}.",
-                           param=noun, code="context_length_exceeded")
-        return requested if requested is not None else self.context_limit - prompt_len
-
-    def _check_context(self, prompt_len: int, max_tokens: int, noun: str) -> None:
-        if prompt_len + max_tokens > self.context_limit:
-            raise APIError(400, f"This model's maximum context length is {self.context_limit} "
-                                f"tokens. However, you requested {prompt_len + max_tokens} tokens "
-                                f"({prompt_len} in the {noun}, {max_tokens} in the completion). "
-                                f"Please reduce the length of the {noun} or completion.",
-                           param=noun, code="context_length_exceeded")
+    def _sampling_params(self, body: CompletionRequest | ChatCompletionRequest, requested: int | None,
+                         prompt_len: int, field: str) -> SamplingParams:
+        """The request's SamplingParams, checked against the limits; max_tokens is as asked, else
+        all the room the prompt leaves."""
+        room = self.limits.room(prompt_len, field)
+        max_tokens = requested if requested is not None else room
+        params = body.to_sampling_params(max_tokens, self.sampling_defaults)
+        self.limits.check_params(params)
+        self.limits.check_context(prompt_len, max_tokens, field)
+        return params
 
     async def _submit(self, kind: str, prompts: list[tuple[list[int], SamplingParams]]
                       ) -> list[Generation]:
@@ -303,6 +272,8 @@ class OpenAIServer:
         arrival = time.monotonic()
         try:
             streams = await self.async_engine.add_all(submissions)
+        except RequestError:
+            raise  # a limit the engine checked again: errors.py answers it with its param
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except EngineOverloadedError as e:
@@ -311,8 +282,8 @@ class OpenAIServer:
             raise APIError(503, str(e), type="server_error", code="unavailable") from None
         except RequestFailedError as e:
             raise APIError(500, str(e), type="server_error") from None
-        return [Generation(stream, len(ids), self.async_engine, self.metrics, arrival)
-                for stream, (ids, _) in zip(streams, prompts)]
+        return [Generation(stream, len(ids), params, self.async_engine, self.metrics, arrival)
+                for stream, (ids, params) in zip(streams, prompts)]
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:

@@ -2,10 +2,11 @@
 
     handler ── add / abort ──> commands (queue.Queue) ──> engine thread
     engine thread: drain commands, then LLMEngine.step() while work exists, else block on the queue
-    engine thread ── RequestOutput ──> RequestStream (asyncio.Queue, call_soon_threadsafe) ──> handler
+    engine thread ── RequestOutput ──> RequestStream (a deque, call_soon_threadsafe) ──> handler
 
 The engine thread builds, runs and closes the LLMEngine (so on CUDA the context it maps pages in
-is its own). Other threads only read what never changes after loading: tokenizer, lengths, config.
+is its own), and publishes engine.stats() after every loop. Other threads only read what never
+changes after loading: tokenizer, limits, config.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from ..config import EngineConfig
 from ..engine import LLMEngine
-from ..kv import KVUsage
-from ..outputs import RequestOutput
+from ..engine.stats import EngineStats
+from ..outputs import RequestOutput, RequestOutputKind
 from ..sampling_params import SamplingParams
 from .limits import release_freed_memory
 
@@ -39,33 +41,37 @@ class RequestFailedError(Exception):
     """The engine failed while running the request, or gave up on it at shutdown."""
 
 
-@dataclass
-class EngineStats:
+@dataclass(frozen=True)
+class ServingStats:
     """What the engine thread publishes after every loop, for /metrics and /health."""
 
-    num_running: int = 0  # sequences in the running batch (each of a request's n samples counts)
-    num_waiting: int = 0  # sequences queued for admission
-    kv: KVUsage | None = None  # KV memory after the loop; None until the engine has loaded
+    engine: EngineStats | None = None  # engine.stats() after the loop; None before loading or after a failure
     failure: str | None = None  # why the engine stopped serving, if it broke
 
 
 class RequestStream:
     """One request's outputs in order: the engine thread puts, the HTTP handler iterates.
-    Every output is the request's full state so far, so a reader that fell behind skips to the
-    newest one instead of replaying each step."""
+    The outputs are deltas (or one FINAL_ONLY output), so a reader that fell behind gets the
+    queued ones merged into one (merge_delta) rather than any of them skipped. The stream owns
+    what it is handed: the engine keeps no reference to an output it returned."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
         self.finished = False  # the last output (or an error) has been read
         self._loop = loop
-        self._queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self._items: deque[RequestOutput | Exception] = deque()  # event loop only
+        self._arrived = asyncio.Event()  # set while _items is not empty
 
     def put(self, item: RequestOutput | Exception) -> None:
         """Called on the engine thread."""
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._push, item)
         except RuntimeError:  # the event loop has closed: nobody is reading any more
             pass
+
+    def _push(self, item: RequestOutput | Exception) -> None:
+        self._items.append(item)
+        self._arrived.set()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -73,13 +79,37 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
-            item = self._queue.get_nowait()
+        await self._arrived.wait()
+        item = self._items.popleft()
+        # Merge the outputs queued behind; an error is raised on its own, after the outputs before it.
+        while (isinstance(item, RequestOutput) and self._items
+               and isinstance(self._items[0], RequestOutput)):
+            merge_delta(item, self._items.popleft())
+        if not self._items:
+            self._arrived.clear()
         self.finished = isinstance(item, Exception) or item.finished
         if isinstance(item, Exception):
             raise item
         return item
+
+
+def merge_delta(into: RequestOutput, later: RequestOutput) -> None:
+    """Append delta output `later` to `into` (in place): per choice index, text, token ids and
+    logprobs are concatenated; the finish state and token count are the later one's."""
+    by_index = {c.index: c for c in into.outputs}
+    for c in later.outputs:
+        mine = by_index.get(c.index)
+        if mine is None:
+            into.outputs.append(c)
+            continue
+        mine.text += c.text
+        mine.token_ids += c.token_ids
+        if c.logprobs is not None:
+            mine.logprobs += c.logprobs
+            mine.top_logprobs += c.top_logprobs
+        mine.finish_reason, mine.stop_reason = c.finish_reason, c.stop_reason
+        mine.error, mine.num_tokens = c.error, c.num_tokens
+    into.finished, into.num_cached_tokens = later.finished, later.num_cached_tokens
 
 
 @dataclass
@@ -112,7 +142,7 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig, max_queued_requests: int = 1024):
         self.config = config
         self.max_queued_requests = max_queued_requests  # waiting sequences past which adds get 503
-        self.stats = EngineStats()  # replaced (never mutated) by the engine thread
+        self.stats = ServingStats()  # replaced (never mutated) by the engine thread
         self._engine: LLMEngine | None = None
         self._commands: queue.Queue[_Add | _Abort | _Shutdown] = queue.Queue()
         self._accepting = False
@@ -136,19 +166,22 @@ class AsyncEngine:
 
     @property
     def engine(self) -> LLMEngine:
-        """For reading what loading fixed (tokenizer, max_model_len, config); never call it."""
+        """For reading what loading fixed (tokenizer, limits, config); never call it."""
         assert self._engine is not None, "AsyncEngine.start() has not loaded the engine"
         return self._engine
 
     async def add(self, request_id: str, prompt_token_ids: list[int],
                   params: SamplingParams) -> RequestStream:
         """Queue a request; returns its stream once the engine took it. Raises ValueError (bad
-        input), EngineOverloadedError or EngineStoppedError when it did not."""
+        input: add_request's RequestError, naming the field, comes through as it is),
+        EngineOverloadedError or EngineStoppedError when it did not."""
         return (await self.add_all([Submission(request_id, prompt_token_ids, params)]))[0]
 
     async def add_all(self, submissions: list[Submission]) -> list[RequestStream]:
         """Queue several prompts as one request: all are admitted, or none (their n x prompts
         sequences count against max_queued_requests together)."""
+        if any(s.params.output_kind is RequestOutputKind.CUMULATIVE for s in submissions):
+            raise ValueError("AsyncEngine streams deltas: submit with output_kind DELTA or FINAL_ONLY")
         loop = asyncio.get_running_loop()
         streams = [RequestStream(s.request_id, loop) for s in submissions]
         accepted = loop.create_future()
@@ -231,7 +264,7 @@ class AsyncEngine:
 
     def _admit(self, command: _Add) -> None:
         engine = self.engine
-        waiting = len(engine.scheduler.waiting)
+        waiting = engine.stats().num_waiting
         needed = sum(s.params.n for s in command.submissions)
         if waiting + needed > self.max_queued_requests:
             _resolve(command, EngineOverloadedError(
@@ -263,7 +296,7 @@ class AsyncEngine:
             log.exception("engine step failed; failing the requests in flight")
             self._fail_all(RequestFailedError(f"the engine failed: {e}"))
             if self.engine.has_unfinished():  # aborting did not clear it: stop serving
-                self.stats = EngineStats(failure=f"{type(e).__name__}: {e}")
+                self.stats = ServingStats(failure=f"{type(e).__name__}: {e}")
             return
         self._publish()  # stats first: a client that sees its request finish sees it gone from them
         for out in outputs:
@@ -290,11 +323,8 @@ class AsyncEngine:
         self._streams.clear()
 
     def _publish(self) -> None:
-        if self.stats.failure is not None:
-            return
-        engine = self.engine
-        self.stats = EngineStats(num_running=len(engine.scheduler.running),
-                                 num_waiting=len(engine.scheduler.waiting), kv=engine.kv.usage())
+        if self.stats.failure is None:
+            self.stats = ServingStats(engine=self.engine.stats())
 
     def _close(self) -> None:
         if self._streams:

@@ -99,7 +99,7 @@ def run_serve(ns: argparse.Namespace) -> int:
     engine = async_engine.engine
     logging.getLogger("vattention.server").info(
         "serving %s (%s on %s, context %d tokens, KV cache %s) at http://%s:%d/v1",
-        server.served_model_name, engine.model_path, engine.device, engine.max_model_len,
+        server.served_model_name, engine.model_path, engine.device, engine.limits.max_model_len,
         engine.config.cache.kv_cache, server.host, server.port)
     uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level,
                 timeout_graceful_shutdown=server.shutdown_timeout_s,

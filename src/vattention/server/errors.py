@@ -3,6 +3,7 @@ check. Whatever goes wrong, the client gets the envelope and never a stack trace
 an unexpected error goes to the server log only.
 
     APIError (protocol.py)             -> its status
+    RequestError (engine/validation)   -> 400 with its param and code (a limit the request broke)
     malformed JSON, invalid fields     -> 400, param = the first offending field
     unknown route / method             -> 404 / 405
     the client left while sending      -> one info line in the log, no response (499)
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..engine.validation import RequestError
 from .protocol import APIError, ErrorResponse
 
 log = logging.getLogger("vattention.server")
@@ -52,6 +54,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
         return _error_response(e)
+
+    @app.exception_handler(RequestError)
+    async def over_a_limit(request: HTTPRequest, e: RequestError) -> JSONResponse:
+        return _error_response(APIError(400, str(e), param=e.param, code=e.code))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:

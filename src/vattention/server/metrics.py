@@ -6,7 +6,8 @@ do not share counters).
     vattention:prompt_tokens_total, vattention:generation_tokens_total
     vattention:time_to_first_token_seconds, vattention:time_per_output_token_seconds,
     vattention:e2e_request_latency_seconds                               histograms, as vLLM's
-  engine state (read at scrape time from the engine thread's latest EngineStats):
+  engine state (read at scrape time from the engine thread's latest engine.stats(); absent
+  until the engine has loaded, and once it has failed):
     vattention:num_requests_running, vattention:num_requests_waiting      sequences
     vattention:kv_cache_bytes{state="used"|"committed"|"capacity"}        committed = mapped pages
     vattention:kv_cache_pages{state="total"|"mapped"|"free"}, kv_cache_page_bytes   pages (blocks)
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .async_engine import EngineStats
+from .async_engine import ServingStats
 
 PREFIX = "vattention:"
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -33,7 +34,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], EngineStats]):
+    def __init__(self, stats: Callable[[], ServingStats]):
         self.registry = CollectorRegistry()
         self.requests = Counter(PREFIX + "request_success", "Finished samples by finish reason",
                                 ["finished_reason"], registry=self.registry)
@@ -73,18 +74,18 @@ class ServerMetrics:
 class _EngineCollector:
     """Reads the engine's latest published state at each scrape."""
 
-    def __init__(self, stats: Callable[[], EngineStats]):
+    def __init__(self, stats: Callable[[], ServingStats]):
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.stats()
+        stats = self.stats().engine
+        if stats is None:
+            return
         yield GaugeMetricFamily(PREFIX + "num_requests_running",
                                 "Sequences in the running batch", value=stats.num_running)
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting",
                                 "Sequences waiting for admission", value=stats.num_waiting)
         kv = stats.kv
-        if kv is None:
-            return
         memory = GaugeMetricFamily(
             PREFIX + "kv_cache_bytes", "KV cache bytes: used (holding tokens), committed (mapped "
             "pages, allocated blocks or reservations), capacity (the budget)", labels=["state"])

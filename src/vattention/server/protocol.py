@@ -2,8 +2,9 @@
 
 Requests name sampling parameters as OpenAI and vLLM do; `to_sampling_params` turns them into the
 engine's SamplingParams, whose own checks are the single source of the valid ranges (a ValueError
-from them becomes a 400 naming the parameter). Unknown fields are refused, as OpenAI refuses them,
-so a misspelt parameter is never silently ignored.
+from them becomes a 400 naming the parameter). A streamed request asks the engine for deltas, any
+other for one output at the end. Unknown fields are refused, as OpenAI refuses them, so a misspelt
+parameter is never silently ignored.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..outputs import Logprob, RequestOutput
+from ..outputs import Logprob, RequestOutputKind
 from ..sampling_params import SamplingParams
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -96,7 +97,9 @@ class _SamplingRequest(_Strict):
         try:
             return SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs,
                                   ignore_eos=self.ignore_eos,
-                                  skip_special_tokens=self.skip_special_tokens)
+                                  skip_special_tokens=self.skip_special_tokens,
+                                  output_kind=(RequestOutputKind.DELTA if self.stream
+                                               else RequestOutputKind.FINAL_ONLY))
         except ValueError as e:
             # SamplingParams names the field first: "invalid SamplingParams: top_p must be ..."
             m = _PARAM_OF_FIELD.match(str(e))
@@ -335,10 +338,3 @@ def chat_logprobs(sampled: list[Logprob], top: list[list[Logprob]]) -> ChatLogpr
                                                   top_logprobs=[entry(a) for a in alternatives])
                                  for lp, alternatives in zip(sampled, top)])
 
-
-def usage_of(*outs: RequestOutput) -> UsageInfo:
-    """Tokens of one request's output, or summed over a batched request's prompts."""
-    completion = sum(len(c.token_ids) for out in outs for c in out.outputs)
-    prompt = sum(len(out.prompt_token_ids) for out in outs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)

@@ -1,20 +1,15 @@
 """Following one request from the engine to its client.
 
-    RequestStream ─> Generation (first-token time, abort + metrics on close)
+    RequestStream (delta outputs, merged when the reader lags)
+        ─> Generation (per choice: tokens so far, finish reason; abort + metrics on close)
         ─> DeltaTracker (what each chunk carries) ─> sse_events: `data: {json}` ... `data: [DONE]`
-        or Generation.final() raced against the client's disconnect (unless_disconnected)
+    or, submitted FINAL_ONLY: Generation.final() raced against the client's disconnect
+        (unless_disconnected)
 
-DeltaTracker: what each streamed chunk carries, cut from the engine's full-state outputs.
-
-The engine reports each choice's whole text so far; a chunk carries what the client has not seen.
-Text is sent only once it is final, so the concatenated deltas equal the non-streamed text:
-
-    text so far:  | sent ............ | safe to send ....... | held back |
-                                                              └ last (longest stop string - 1)
-                                                                chars, and a trailing U+FFFD
-A stop string completed by a later token cuts the text where it starts, which can only be inside
-the held-back tail; an incomplete UTF-8 character decodes as U+FFFD until its last byte arrives.
-When the choice finishes, everything left is sent.
+A streamed request is submitted with output_kind DELTA: each output holds, per choice that
+progressed, only its new tokens and its new text, which is already final (the engine holds back
+what a stop string could still cut and never hands out part of a UTF-8 character), so the chunks
+add up to the non-streamed text. The server only frames the deltas.
 """
 
 from __future__ import annotations
@@ -28,13 +23,12 @@ from typing import TypeVar
 from fastapi import Request as HTTPRequest
 from pydantic import BaseModel
 
-from ..outputs import Logprob, RequestOutput
+from ..outputs import Logprob, RequestOutput, RequestOutputKind
 from ..sampling_params import SamplingParams
 from .async_engine import AsyncEngine, RequestFailedError, RequestStream
 from .metrics import ServerMetrics
-from .protocol import APIError, ErrorInfo, ErrorResponse, usage_of
+from .protocol import APIError, ErrorInfo, ErrorResponse, UsageInfo
 
-REPLACEMENT_CHAR = "\ufffd"
 T = TypeVar("T")
 
 
@@ -53,62 +47,44 @@ class ChoiceDelta:
 
 
 class DeltaTracker:
-    def __init__(self, params: SamplingParams, prefix: str = ""):
-        self.n = params.n
-        self.holdback = max((len(s) for s in params.stop), default=1) - 1
-        self.prefix = prefix  # goes before each choice's text (completions' echo)
-        self.sent_text = [""] * self.n  # text each choice has sent, prefix not included
-        self.sent_tokens = [0] * self.n  # tokens whose logprobs each choice has sent
-        self.text_offset = [len(prefix)] * self.n  # text length of those tokens, after the prefix
-        self.started = [False] * self.n
-        self.done = [False] * self.n
+    """Turns one prompt's delta outputs into ChoiceDeltas: a choice's first chunk carries the
+    prefix (completions' echo); text_offset follows each choice's text for its logprobs."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.text_offset: dict[int, int] = {}  # choice index -> text length sent, prefix included
 
     def update(self, out: RequestOutput) -> list[ChoiceDelta]:
         deltas = []
         for c in out.outputs:
-            i = c.index
-            if self.done[i]:
-                continue
-            visible = c.text if c.finished else self._safe(c.text)
-            sent = self.sent_text[i]
-            text = visible[len(sent):] if visible.startswith(sent) or c.finished else ""
-            new_logprobs = new_top = None
-            if c.logprobs is not None:
-                new_logprobs = c.logprobs[self.sent_tokens[i]:]
-                new_top = c.top_logprobs[self.sent_tokens[i]:]
-            if not (text or c.finished or new_logprobs):
-                continue
-            first = not self.started[i]
-            deltas.append(ChoiceDelta(i, first, (self.prefix if first else "") + text,
-                                      self.text_offset[i], new_logprobs, new_top,
-                                      c.finish_reason, c.stop_reason))
-            self.started[i] = True
-            self.done[i] = c.finished
-            self.sent_text[i] = sent + text
-            if new_logprobs is not None:
-                self.sent_tokens[i] += len(new_logprobs)
-                self.text_offset[i] += sum(len(lp.decoded) for lp in new_logprobs)
+            if not (c.text or c.logprobs or c.finished):
+                continue  # tokens whose text is held back, and nobody asked for their logprobs
+            first = c.index not in self.text_offset
+            offset = self.text_offset.get(c.index, len(self.prefix))
+            deltas.append(ChoiceDelta(c.index, first, (self.prefix if first else "") + c.text, offset,
+                                      c.logprobs, c.top_logprobs, c.finish_reason, c.stop_reason))
+            self.text_offset[c.index] = offset + sum(len(lp.decoded) for lp in c.logprobs or [])
         return deltas
-
-    def _safe(self, text: str) -> str:
-        """The part of an unfinished choice's text that no later token can change."""
-        return text[:max(0, len(text) - self.holdback)].rstrip(REPLACEMENT_CHAR)
 
 
 class Generation:
     """A submitted request as its handler follows it. close() ends it: aborts it in the engine if
     it has not finished (the client left) and records its metrics."""
 
-    def __init__(self, stream: RequestStream, prompt_len: int, async_engine: AsyncEngine,
-                 metrics: ServerMetrics, arrival: float):
+    def __init__(self, stream: RequestStream, prompt_len: int, params: SamplingParams,
+                 async_engine: AsyncEngine, metrics: ServerMetrics, arrival: float):
         self.request_id = stream.request_id
         self.created = int(time.time())  # every chunk of a stream carries the same timestamp
         self.prompt_len = prompt_len
+        self.num_tokens = [0] * params.n  # per choice: tokens generated so far (usage, metrics)
+        self.finish_reasons: list[str | None] = [None] * params.n  # per choice, once it finished
+        # A FINAL_ONLY output arrives at the end: it cannot tell when the first token came.
+        self._timed = params.output_kind is RequestOutputKind.DELTA
         self._stream = stream
         self._async_engine = async_engine
         self._metrics = metrics
         self._arrival = arrival  # time.monotonic() when the request was submitted
-        self._first_token: float | None = None  # when the first output token arrived
+        self._first_token: float | None = None  # when the first output token arrived (DELTA only)
         self._last: RequestOutput | None = None  # the newest output read
         self._closed = False
 
@@ -117,13 +93,16 @@ class Generation:
 
     async def __anext__(self) -> RequestOutput:
         out = await self._stream.__anext__()
-        if self._first_token is None and any(c.token_ids for c in out.outputs):
+        for c in out.outputs:
+            self.num_tokens[c.index] = c.num_tokens
+            self.finish_reasons[c.index] = c.finish_reason
+        if self._first_token is None and self._timed and any(self.num_tokens):
             self._first_token = time.monotonic()
         self._last = out
         return out
 
     async def final(self) -> RequestOutput:
-        """The last output, once the request has finished."""
+        """The request's one output, once it has finished (submitted FINAL_ONLY)."""
         try:
             async for _ in self:
                 pass
@@ -139,10 +118,15 @@ class Generation:
         self._closed = True
         if not self._stream.finished:
             self._async_engine.abort(self.request_id)
-        outputs = self._last.outputs if self._last is not None else []
-        self._metrics.record([c.finish_reason or "abort" for c in outputs] or ["abort"],
-                             self.prompt_len, sum(len(c.token_ids) for c in outputs),
-                             self._arrival, self._first_token, time.monotonic())
+        self._metrics.record([reason or "abort" for reason in self.finish_reasons], self.prompt_len,
+                             sum(self.num_tokens), self._arrival, self._first_token, time.monotonic())
+
+
+def usage_of(gens: list[Generation]) -> UsageInfo:
+    """Tokens of one request, summed over a batched request's prompts."""
+    prompt = sum(gen.prompt_len for gen in gens)
+    completion = sum(sum(gen.num_tokens) for gen in gens)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 async def sse_events(gens: list[Generation], trackers: list[DeltaTracker],
@@ -152,15 +136,12 @@ async def sse_events(gens: list[Generation], trackers: list[DeltaTracker],
     chunk(delta, prompt index) per choice that progressed, in the order they progress; then
     usage_chunk with the usage of all of them if asked for; then [DONE]. Cancelling or closing
     this generator (the client left) aborts every generation."""
-    finals: list[RequestOutput] = []
     try:
         async for i, out in _merged(gens):
             for delta in trackers[i].update(out):
                 yield _event(chunk(delta, i))
-            if out.finished:
-                finals.append(out)
         if include_usage:
-            usage_chunk.usage = usage_of(*finals)
+            usage_chunk.usage = usage_of(gens)
             yield _event(usage_chunk)
     except RequestFailedError as e:
         yield _event(ErrorResponse(error=ErrorInfo(message=str(e), type="server_error")))

@@ -75,11 +75,10 @@ def test_flex_paged_backend_gives_the_same_tokens(checkpoint, block_size):
     dict(max_num_batched_tokens=5),  # prompts prefilled in chunks of <= 5 tokens
     dict(max_num_seqs=1),  # one request at a time: slots reused
     dict(layout="per_layer"),
-    dict(eager_cushion_groups=0),
     dict(kv_cache="paged", block_size=16),
     dict(kv_cache="paged", block_size=128, max_num_batched_tokens=7),
     dict(kv_cache="static", max_num_seqs=2),
-], ids=["chunked-prefill", "one-at-a-time", "per-layer", "no-cushion", "paged-16", "paged-128-chunked",
+], ids=["chunked-prefill", "one-at-a-time", "per-layer", "paged-16", "paged-128-chunked",
         "static"])
 def test_scheduling_does_not_change_greedy_outputs(checkpoint, options):
     path, _ = checkpoint

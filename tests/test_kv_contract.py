@@ -31,7 +31,7 @@ def make(design: str, max_seq_len: int = SPEC.max_seq_len) -> KVManager:
                                layout="per_layer" if design.endswith("per-layer") else "cross_layer")
     kind = design.split("-")[0]
     # no eager cushion: nothing maps in the background, so usage() is exact after every call
-    return make_kv_manager(kind, spec, CPU, BUDGET, PAGE, eager_cushion_groups=0, block_size=BLOCK)
+    return make_kv_manager(kind, spec, CPU, BUDGET, PAGE, block_size=BLOCK)
 
 
 @pytest.fixture(params=DESIGNS)
@@ -114,7 +114,7 @@ def test_every_design_is_a_kv_manager(kv):
 def test_an_object_missing_part_of_the_protocol_is_no_kv_manager(kv):
     class NoUsage:  # everything but usage()
         kind, max_tokens_per_request = kv.kind, kv.max_tokens_per_request
-        allocate, free, prepare = kv.allocate, kv.free, kv.prepare
+        allocate, free = kv.allocate, kv.free
         build_metadata, layer_caches, padding_row, close = (kv.build_metadata, kv.layer_caches,
                                                             kv.padding_row, kv.close)
 

@@ -58,7 +58,6 @@ class CacheConfig:
     layout: str = "cross_layer"  # vattention layout: cross_layer (one page for all layers) or per_layer
     kv_cache_memory_gib: float | None = None  # KV budget; None = 90% of free GPU memory after the model (CPU: 4 GiB)
     page_size: int | None = None  # bytes per page; None = driver granularity (2 MiB)
-    eager_cushion_groups: int = 0  # vattention: page groups a background thread maps ahead of each sequence (with the next step's pages); 0 = no thread: pages are mapped on the engine thread while the GPU runs the previous step
     block_size: int = 16  # paged: tokens per block
     attention_backend: str = "auto"  # auto (CUDA: triton, our split-KV decode with FA2 prefill; CPU: sdpa), flash, triton, flex (paged), sdpa, reference
 

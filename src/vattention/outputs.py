@@ -54,6 +54,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)  # DELTA: only the samples that progressed
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens whose KV was reused instead of computed
+    first_token_time: float | None = None  # time.monotonic() when the engine had the first token of any sample
 
     @property
     def error(self) -> str | None:

@@ -143,7 +143,7 @@ def build(design: Design, arch: ModelArchConfig, trace: Trace, budget: int, page
     spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim, KV_DTYPE, max_seqs=max_seqs,
                        max_seq_len=max_len, layout=design.layout)
     device = torch.device("cpu" if design.kind == "vattention" else "meta")
-    return make_kv_manager(design.kind, spec, device, budget, page_size, eager_cushion_groups=0,
+    return make_kv_manager(design.kind, spec, device, budget, page_size,
                            block_size=design.block_size)
 
 

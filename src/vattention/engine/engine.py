@@ -255,9 +255,9 @@ class LLMEngine:
         if tp > 1:
             line += f" on rank 0 of {tp} (each rank holds its own KV heads)"
         counters = self.kv.usage().counters
-        if "pages_mapped_background" in counters:
-            line += (f"; pages mapped {counters['pages_mapped_background']} in background, "
-                     f"{counters['pages_mapped_critical']} on the critical path")
+        if "pages_mapped_critical" in counters:
+            line += (f"; {counters['pages_mapped_critical']} pages mapped in "
+                     f"{counters['map_seconds_critical']:.3f} s on the engine thread")
         return line
 
     def close(self) -> None:

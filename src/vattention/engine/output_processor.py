@@ -89,8 +89,10 @@ def make_request_output(group: list[Request]) -> RequestOutput | None:
         outputs = [_cumulative(r) for r in group]
     for r in group:
         r.done_sent = r.done_sent or r.finished
+    times = [r.first_token_time for r in group if r.first_token_time is not None]
     return RequestOutput(request_id=first.request_id.rsplit("#", 1)[0], prompt=first.prompt,
-                         prompt_token_ids=first.prompt_token_ids, outputs=outputs, finished=finished)
+                         prompt_token_ids=first.prompt_token_ids, outputs=outputs, finished=finished,
+                         first_token_time=min(times, default=None))
 
 
 def _cumulative(r: Request) -> CompletionOutput:

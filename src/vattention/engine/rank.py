@@ -52,11 +52,10 @@ def build_rank(config: EngineConfig, group: TPGroup | None) -> RankState:
     budget = _kv_budget(cc, device)
     if group is not None:
         budget = group.min(budget)
-    kv = make_kv_manager(cc.kv_cache, spec, device, budget, cc.page_size, cc.eager_cushion_groups,
+    kv = make_kv_manager(cc.kv_cache, spec, device, budget, cc.page_size,
                          cc.block_size)
     backend = make_backend(cc.attention_backend, kv.kind, arch.head_dim, device, cc.block_size)
-    runner = ModelRunner(model, kv, backend, Sampler(), device, sc.max_num_batched_tokens, sc.max_num_seqs,
-                         prepare_next=cc.eager_cushion_groups > 0)
+    runner = ModelRunner(model, kv, backend, Sampler(), device, sc.max_num_batched_tokens, sc.max_num_seqs)
     if use_graphs(mc.enforce_eager, device, backend.name, shard.world_size):
         runner.graphs = DecodeGraphs(model, kv, backend, device, min(mc.max_graph_batch_size, sc.max_num_seqs),
                                      max_model_len)

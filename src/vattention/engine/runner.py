@@ -57,7 +57,7 @@ class PendingSample:
 class ModelRunner:
     def __init__(self, model, kv: KVManager, backend, sampler: Sampler, device: torch.device,
                  max_num_batched_tokens: int, max_num_seqs: int,
-                 before_forward: Callable[[StepInputs], None] | None = None, prepare_next: bool = False):
+                 before_forward: Callable[[StepInputs], None] | None = None):
         self.model = model
         self.kv = kv
         self.backend = backend
@@ -65,7 +65,6 @@ class ModelRunner:
         self.device = device
         self.max_num_batched_tokens = max_num_batched_tokens
         self.before_forward = before_forward  # tensor parallel: send the step to the other ranks
-        self.prepare_next = prepare_next  # hand the next step's lengths to the KV manager's mapper
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode-only steps, when enabled
         # int64: ids, positions, write rows, sample rows, pending rows; int32: per-sequence
         # arrays and (paged) block tables of every sequence at the longest context
@@ -117,7 +116,7 @@ class ModelRunner:
     def step_inputs(self, sched: SchedulerOutput) -> StepInputs:
         """The step in plain values. A token past what the host knows (prompt + output so far)
         is pending: its id is read on the device from the previous step's sample."""
-        inputs = StepInputs([], [], [], [], [], [], self._next_lengths(sched))
+        inputs = StepInputs([], [], [], [], [], [])
         row = 0
         for item in sched.scheduled:
             req, start = item.request, item.start
@@ -142,8 +141,6 @@ class ModelRunner:
         """The model over the step's tokens; logits [num_sample_rows, vocab] float32, or None
         when no sequence samples this step. Every tensor-parallel rank runs this (never with
         pending tokens: those ranks have no sampled ids)."""
-        if self.prepare_next:
-            self.kv.prepare(inputs.next_lengths)
         staging = self.staging
         staging.begin()
         meta = self.kv.build_metadata(inputs.request_ids, inputs.query_lens, inputs.seq_lens, self.device,
@@ -164,13 +161,3 @@ class ModelRunner:
         if not inputs.sample_rows:
             return None
         return self.model.compute_logits(hidden[rows])  # [num_sampling, vocab]
-
-    def _next_lengths(self, sched: SchedulerOutput) -> dict[str, int]:
-        """What each scheduled request will hold after the next step, if it runs again."""
-        lengths = {}
-        for item in sched.scheduled:
-            req = item.request
-            end = item.start + item.num_new_tokens
-            remaining = req.num_tokens - end
-            lengths[req.request_id] = end + (1 if item.samples else min(remaining, self.max_num_batched_tokens))
-        return lengths

@@ -53,6 +53,5 @@ class StepInputs:
     query_lens: list[int]  # tokens each sequence adds
     seq_lens: list[int]  # tokens each sequence holds after the step
     sample_rows: list[int]  # rows whose logits are sampled (last token of each finishing chunk)
-    next_lengths: dict[str, int]  # what each sequence may hold after the next step (for prepare)
     pending_rows: list[int] = field(default_factory=list)  # rows whose token id is still on the device ...
     pending_from: list[int] = field(default_factory=list)  # ... at this row of the previous step's sample

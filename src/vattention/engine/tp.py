@@ -60,9 +60,6 @@ class RecordingKV:
         ops, self.ops = self.ops, []
         return ops
 
-    def prepare(self, lengths):
-        self.inner.prepare(lengths)
-
     def build_metadata(self, *args):
         return self.inner.build_metadata(*args)
 

@@ -24,10 +24,9 @@ __all__ = ["KVManager", "KVUsage", "VAttentionKVManager", "PagedKVManager", "Sta
 
 
 def make_kv_manager(kind: str, spec: KVCacheSpec, device: torch.device, budget_bytes: int,
-                    page_size: int | None = None, eager_cushion_groups: int = 1,
-                    block_size: int = 16) -> KVManager:
+                    page_size: int | None = None, block_size: int = 16) -> KVManager:
     if kind == "vattention":
-        return VAttentionKVManager(spec, device, budget_bytes, page_size, eager_cushion_groups)
+        return VAttentionKVManager(spec, device, budget_bytes, page_size)
     if kind == "paged":
         return PagedKVManager(spec, device, budget_bytes, block_size)
     if kind == "static":

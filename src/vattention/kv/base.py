@@ -8,7 +8,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..attention import AttentionMetadata, LayerKV, StepStaging
-from ..memory import KVCacheSpec
 
 
 @dataclass
@@ -41,9 +40,6 @@ class KVManager(Protocol):
         """Make the request hold tokens [0, num_tokens); False (nothing changed) if memory is short."""
 
     def free(self, request_id: str) -> None: ...
-
-    def prepare(self, lengths: dict[str, int]) -> None:
-        """The next step's lengths, so memory can be readied while this step computes."""
 
     def build_metadata(self, request_ids: list[str], query_lens: list[int], seq_lens: list[int],
                        device: torch.device, staging: StepStaging | None = None) -> AttentionMetadata:

@@ -82,9 +82,6 @@ class PagedKVManager:
             row = self._rows[request_id] = self._free_rows.pop()
         return row
 
-    def prepare(self, lengths: dict[str, int]) -> None:
-        pass  # blocks are preallocated: growth is a list pop, nothing to overlap
-
     def build_metadata(self, request_ids, query_lens, seq_lens, device, staging=None) -> AttentionMetadata:
         tables = [self._tables[r] for r in request_ids]
         width = max(len(t) for t in tables)

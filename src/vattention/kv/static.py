@@ -54,9 +54,6 @@ class StaticKVManager:
             self._free_slots.append(slot)
         self._num_tokens -= self._tokens.pop(request_id, 0)
 
-    def prepare(self, lengths: dict[str, int]) -> None:
-        pass  # everything was reserved at admission
-
     def build_metadata(self, request_ids, query_lens, seq_lens, device, staging=None) -> AttentionMetadata:
         return build_contiguous_metadata([self._slots[r] * self.spec.max_seq_len for r in request_ids],
                                          query_lens, seq_lens, device, staging)

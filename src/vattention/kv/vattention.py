@@ -1,5 +1,9 @@
 """The vAttention KV manager: each request owns one slot of a VirtualKVCache; growth maps pages
-on demand, and the next step's lengths are mapped in the background while this step computes.
+on demand, on the engine thread when the scheduler asks (allocate), which the overlapped loop
+does while the device runs the previous step. The cache's background mapper (prepare, eager
+cushion) is not used: measured on an H200 (benchmarks/results/engine_loop/), mapping in that
+window gave the same step times with 1.2-2.1x less host time per step than the mapper thread,
+whose Python work contends with the engine thread's.
 The cache has one slot more than the scheduler runs: the padding slot, whose first token padded
 CUDA-graph batches write and read (graphs.py), reserved the first time it is asked for."""
 
@@ -18,10 +22,10 @@ class VAttentionKVManager:
     kind = "contiguous"
 
     def __init__(self, spec: KVCacheSpec, device: torch.device, budget_bytes: int,
-                 page_size: int | None = None, eager_cushion_groups: int = 1):
+                 page_size: int | None = None):
         self.cache = VirtualKVCache(dataclasses.replace(spec, max_seqs=spec.max_seqs + 1), device=device,
                                     memory_budget_bytes=budget_bytes, page_size=page_size,
-                                    eager_cushion_groups=eager_cushion_groups)
+                                    eager_cushion_groups=0)
         lay = self.cache.layout
         self.max_tokens_per_request = lay.tokens_in(self.cache.stats().pages_total // lay.num_tensors)
         self._slots: dict[str, int] = {}  # request id -> slot
@@ -55,9 +59,6 @@ class VAttentionKVManager:
         if slot is not None:
             self.cache.free(slot)
             self._num_tokens -= self._tokens.pop(request_id)
-
-    def prepare(self, lengths: dict[str, int]) -> None:
-        self.cache.prepare({self._slots[r]: n for r, n in lengths.items() if r in self._slots})
 
     def build_metadata(self, request_ids, query_lens, seq_lens, device, staging=None) -> AttentionMetadata:
         stride = self.cache.slot_stride_tokens

@@ -23,7 +23,7 @@ from typing import TypeVar
 from fastapi import Request as HTTPRequest
 from pydantic import BaseModel
 
-from ..outputs import Logprob, RequestOutput, RequestOutputKind
+from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from .async_engine import AsyncEngine, RequestFailedError, RequestStream
 from .metrics import ServerMetrics
@@ -78,13 +78,11 @@ class Generation:
         self.prompt_len = prompt_len
         self.num_tokens = [0] * params.n  # per choice: tokens generated so far (usage, metrics)
         self.finish_reasons: list[str | None] = [None] * params.n  # per choice, once it finished
-        # A FINAL_ONLY output arrives at the end: it cannot tell when the first token came.
-        self._timed = params.output_kind is RequestOutputKind.DELTA
         self._stream = stream
         self._async_engine = async_engine
         self._metrics = metrics
         self._arrival = arrival  # time.monotonic() when the request was submitted
-        self._first_token: float | None = None  # when the first output token arrived (DELTA only)
+        self._first_token: float | None = None  # when the engine had the first output token
         self._last: RequestOutput | None = None  # the newest output read
         self._closed = False
 
@@ -96,8 +94,8 @@ class Generation:
         for c in out.outputs:
             self.num_tokens[c.index] = c.num_tokens
             self.finish_reasons[c.index] = c.finish_reason
-        if self._first_token is None and self._timed and any(self.num_tokens):
-            self._first_token = time.monotonic()
+        if self._first_token is None:  # the engine's time: a FINAL_ONLY output comes only at the end
+            self._first_token = out.first_token_time
         self._last = out
         return out
 

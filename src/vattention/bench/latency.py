@@ -125,7 +125,8 @@ def run_design(design: dict, ns: argparse.Namespace, bandwidth: float) -> tuple[
     llm = LLM(**{**kwargs, **design})
     engine = llm.engine
     _sync(engine)
-    record = {"design": label(design), **design, "start_s": time.perf_counter() - start, **_runner_info(engine),
+    record = {"design": label(design), **design, "start_s": time.perf_counter() - start,
+              "attention_backend_used": engine.attention_backend, "cuda_graphs": engine.cuda_graphs,
               "weight_bytes": weight_bytes(engine.model), "kv_bytes_per_token": kv_bytes_per_token(engine)}
     rows, rng = [], random.Random(ns.seed)
     try:
@@ -148,12 +149,6 @@ def run_design(design: dict, ns: argparse.Namespace, bandwidth: float) -> tuple[
         del llm, engine
         free_device_memory()
     return record, rows
-
-
-def _runner_info(engine) -> dict:
-    """What the design runs on, for the report: the attention backend and whether decode steps
-    replay CUDA graphs (the only reads of the runner)."""
-    return {"attention_backend_used": engine.runner.backend.name, "cuda_graphs": engine.runner.graphs is not None}
 
 
 def measure_batch(engine, batch: int, ns: argparse.Namespace, rng: random.Random) -> dict:

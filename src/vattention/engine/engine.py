@@ -142,6 +142,16 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
 
+    @property
+    def attention_backend(self) -> str:
+        """The attention backend's name (what `auto` chose)."""
+        return self.runner.backend.name
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode-only steps replay CUDA graphs."""
+        return self.runner.graphs is not None
+
     def stats(self) -> EngineStats:
         """The engine's state now: queue lengths, KV memory, the latest step's timing."""
         s = self.scheduler

@@ -363,3 +363,32 @@ def test_the_last_view_may_die_on_another_thread():
     thread.start()
     thread.join()
     assert cache.driver.num_live_reservations == 0
+
+
+def test_growth_groups_map_ahead_from_free_pages_only_and_stay_reclaimable():
+    """growth_groups: a growth that must map takes up to that many more groups in the same job
+    (so the next ensures map nothing); with the pool short it maps only what it needs, and the
+    extra groups are the first another slot reclaims."""
+    spec = small_spec("cross_layer", max_seq_len=12000)
+    with make_cache(spec=spec, budget_pages=8, eager_cushion_groups=0, growth_groups=2) as cache:
+        tokens = cache.layout.tokens_in  # tokens that k groups hold
+        assert cache.layout.num_tensors == 1
+        a = cache.alloc_slot()
+        assert cache.ensure(a, 1)
+        assert cache.slot_capacity(a) == tokens(3)  # the needed group and two ahead
+        mapped = cache.stats().counters.pages_mapped_critical
+        assert cache.ensure(a, tokens(3))  # within what is mapped: no new mapping
+        assert cache.stats().counters.pages_mapped_critical == mapped
+        fill(cache, a, 1, 0, tokens(3))
+        b = cache.alloc_slot()
+        assert cache.ensure(b, tokens(5))  # the 5 free groups: none left to map ahead
+        assert cache.slot_capacity(b) == tokens(5)
+        c = cache.alloc_slot()
+        assert not cache.ensure(c, 1)  # a's and b's groups are all in use: nothing to reclaim
+        cache.free(b)
+        assert cache.ensure(a, tokens(3) + 1)  # reclaimed from b's idle pages: only what it needs
+        assert cache.slot_capacity(a) == tokens(4)
+        check(cache, a, 1, tokens(3))
+        assert cache.ensure(c, tokens(2))  # from b's remaining idle groups
+        assert cache.slot_capacity(c) == tokens(2)
+        assert_balanced(cache)

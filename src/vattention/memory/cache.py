@@ -37,16 +37,24 @@ class VirtualKVCache:
     page_size            bytes per page (None: the driver's default, 2 MiB); with `driver`, None
                          or that driver's page_size
     prealloc             create every page of the budget now, so growth only maps
+    growth_groups        when ensure() must map (on the caller's thread), map up to this many
+                         groups beyond what it needs in the same job (from free pages only): one
+                         set-access call and one plan for several groups instead of one each
     eager_cushion_groups page groups the background mapper keeps mapped beyond each slot's length;
                          taken only from free pages, and reclaimed first when memory is short
     """
 
     def __init__(self, spec: KVCacheSpec, device: str | torch.device = "cpu",
                  memory_budget_bytes: int | None = None, page_size: int | None = None,
-                 prealloc: bool = True, eager_cushion_groups: int = 1, driver: Driver | None = None):
+                 prealloc: bool = True, eager_cushion_groups: int = 1, driver: Driver | None = None,
+                 growth_groups: int = 0):
         eager_cushion_groups = _as_int("eager_cushion_groups", eager_cushion_groups)
         if eager_cushion_groups < 0:
             raise ValueError(f"eager_cushion_groups must be >= 0, got {eager_cushion_groups}")
+        growth_groups = _as_int("growth_groups", growth_groups)
+        if growth_groups < 0:
+            raise ValueError(f"growth_groups must be >= 0, got {growth_groups}")
+        self.growth_groups = growth_groups
         if memory_budget_bytes is not None:
             memory_budget_bytes = _as_int("memory_budget_bytes", memory_budget_bytes)
             if memory_budget_bytes <= 0:
@@ -137,7 +145,7 @@ class VirtualKVCache:
                 self._raise_mapper_error()
             job = None
             while len(s.groups) < want:
-                job = self._plan(s, want, cushion=0, background=False)
+                job = self._plan(s, want, cushion=self.growth_groups, background=False)
                 if job is not None:
                     break
                 if not self._num_background_jobs:

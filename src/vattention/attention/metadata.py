@@ -81,6 +81,5 @@ def build_paged_metadata(block_tables: list[list[int]], block_size: int, query_l
         padded = np.zeros((len(block_tables), max(len(t) for t in block_tables)), dtype=np.int32)
         for row, table in zip(padded, block_tables):
             row[:len(table)] = table
-    tables = staging.add_2d(padded, torch.int32) if staging is not None else to_device(padded, torch.int32, device)
-    return AttentionMetadata(**_common(query_lens, seq_lens, write, put), block_tables=tables,
+    return AttentionMetadata(**_common(query_lens, seq_lens, write, put), block_tables=put(padded, torch.int32),
                              block_tables_host=block_tables, block_size=block_size)

@@ -44,18 +44,17 @@ class StepStaging:
         self._used = dict.fromkeys(DTYPES, 0)
 
     def add(self, values, dtype: torch.dtype) -> torch.Tensor:
-        """A 1-D device tensor that will hold `values` (a list or numpy array) after commit()."""
-        n = len(values)
+        """A device tensor that will hold `values` (a list, or a numpy array of any shape) after
+        commit()."""
+        shape = np.shape(values)
+        flat = np.ravel(values)
+        n = len(flat)
         start = self._used[dtype]
         if start + n > self.capacity:
             return to_device(values, dtype, self.device)
-        self._numpy[self._set][dtype][start:start + n] = values
+        self._numpy[self._set][dtype][start:start + n] = flat
         self._used[dtype] = start + n
-        return self._device[dtype][start:start + n]
-
-    def add_2d(self, rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        """As add(), for a 2-D array (row-major)."""
-        return self.add(rows.reshape(-1), dtype).view(rows.shape)
+        return self._device[dtype][start:start + n].view(shape)
 
     def commit(self) -> None:
         if self.device.type != "cuda":

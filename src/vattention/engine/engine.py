@@ -185,11 +185,12 @@ class LLMEngine:
         if launched is not None:
             alive = [not item.request.finished for item in sched.scheduled]
             pending = self.runner.sample(launched, alive)
-            for item in sched.scheduled:  # known at once: these must not be scheduled again
-                error = pending.errors.get(item.request.request_id)
-                if error is not None:
-                    self.scheduler.fail(item.request, error)
-                    touched.append(item.request)
+            if pending.errors:  # known at once: these must not be scheduled again
+                for item in sched.scheduled:
+                    error = pending.errors.get(item.request.request_id)
+                    if error is not None:
+                        self.scheduler.fail(item.request, error)
+                        touched.append(item.request)
             if self.async_scheduling:
                 self._inflight = (sched, pending)
             else:

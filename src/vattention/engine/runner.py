@@ -73,11 +73,6 @@ class ModelRunner:
         self._last_ids: torch.Tensor | None = None  # the latest step's sampled ids, on the device
         self._last_rows: dict[str, int] = {}  # request id -> its row in _last_ids
 
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        """launch + sample + wait: one step, synchronously."""
-        launched = self.launch(sched)
-        return self.sample(launched, [True] * len(launched.sched.scheduled)).result()
-
     def launch(self, sched: SchedulerOutput) -> LaunchedStep:
         inputs = self.step_inputs(sched)
         if self.before_forward is not None:

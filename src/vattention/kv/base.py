@@ -55,3 +55,18 @@ class KVManager(Protocol):
     def usage(self) -> KVUsage: ...
 
     def close(self) -> None: ...
+
+
+class TokenCounts:
+    """Tokens each request holds and their sum, kept as they change (usage() runs every step)."""
+
+    def __init__(self):
+        self._by_request: dict[str, int] = {}
+        self.total = 0
+
+    def set(self, request_id: str, num_tokens: int) -> None:
+        self.total += num_tokens - self._by_request.get(request_id, 0)
+        self._by_request[request_id] = num_tokens
+
+    def drop(self, request_id: str) -> None:
+        self.total -= self._by_request.pop(request_id, 0)

@@ -14,7 +14,7 @@ import torch
 
 from ..attention import AttentionMetadata, LayerKV, build_paged_metadata
 from ..memory import KVCacheSpec
-from .base import KVUsage
+from .base import KVUsage, TokenCounts
 
 
 class PagedKVManager:
@@ -42,8 +42,7 @@ class PagedKVManager:
                                         k_blocks=k, v_blocks=v))
         self._free_blocks = list(range(self.num_blocks - 1, -1, -1))  # a stack: pop() is the next
         self._tables: dict[str, list[int]] = {}  # request id -> its blocks in token order
-        self._tokens: dict[str, int] = {}  # request id -> tokens it holds
-        self._num_tokens = 0  # sum of _tokens, kept as they change: usage() runs every step
+        self._tokens = TokenCounts()
         self._padding_block: int | None = None  # padded graph batches write and read its first row
         width = -(-self.max_tokens_per_request // block_size)
         self._array = np.zeros((spec.max_seqs, width), dtype=np.int32)  # row i: a request's table, 0-padded
@@ -61,13 +60,12 @@ class PagedKVManager:
             self._array[row, len(table):len(table) + need] = new
             table = table + new
         self._tables[request_id] = table
-        self._num_tokens += num_tokens - self._tokens.get(request_id, 0)
-        self._tokens[request_id] = num_tokens
+        self._tokens.set(request_id, num_tokens)
         return True
 
     def free(self, request_id: str) -> None:
         self._free_blocks.extend(reversed(self._tables.pop(request_id, [])))
-        self._num_tokens -= self._tokens.pop(request_id, 0)
+        self._tokens.drop(request_id)
         row = self._rows.pop(request_id, None)
         if row is not None:
             self._free_rows.append(row)
@@ -103,7 +101,7 @@ class PagedKVManager:
 
     def usage(self) -> KVUsage:
         blocks = self.num_blocks - len(self._free_blocks)  # the requests' and the padding block
-        return KVUsage(self._num_tokens * self.spec.bytes_per_token, blocks * self.block_bytes,
+        return KVUsage(self._tokens.total * self.spec.bytes_per_token, blocks * self.block_bytes,
                        self.num_blocks * self.block_bytes, len(self._tables), self.block_bytes,
                        self.num_blocks, blocks, len(self._free_blocks))
 

@@ -8,7 +8,7 @@ import torch
 
 from ..attention import AttentionMetadata, LayerKV, build_contiguous_metadata
 from ..memory import KVCacheSpec
-from .base import KVUsage
+from .base import KVUsage, TokenCounts
 
 
 class StaticKVManager:
@@ -35,8 +35,7 @@ class StaticKVManager:
             self._caches.append(LayerKV(k_flat, v_flat, k=k, v=v))
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
         self._slots: dict[str, int] = {}  # request id -> slot
-        self._tokens: dict[str, int] = {}  # request id -> tokens it holds
-        self._num_tokens = 0  # sum of _tokens, kept as they change: usage() runs every step
+        self._tokens = TokenCounts()
         self._padding_slot: int | None = None  # padded graph batches write and read its first row
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
@@ -44,15 +43,14 @@ class StaticKVManager:
             if not self._free_slots:
                 return False
             self._slots[request_id] = self._free_slots.pop()
-        self._num_tokens += num_tokens - self._tokens.get(request_id, 0)
-        self._tokens[request_id] = num_tokens
+        self._tokens.set(request_id, num_tokens)
         return True
 
     def free(self, request_id: str) -> None:
         slot = self._slots.pop(request_id, None)
         if slot is not None:
             self._free_slots.append(slot)
-        self._num_tokens -= self._tokens.pop(request_id, 0)
+        self._tokens.drop(request_id)
 
     def build_metadata(self, request_ids, query_lens, seq_lens, device, staging=None) -> AttentionMetadata:
         return build_contiguous_metadata([self._slots[r] * self.spec.max_seq_len for r in request_ids],
@@ -73,7 +71,7 @@ class StaticKVManager:
 
     def usage(self) -> KVUsage:
         reserved = self.num_slots - len(self._free_slots)  # the requests' and the padding slot
-        return KVUsage(self._num_tokens * self.spec.bytes_per_token, reserved * self.slot_bytes,
+        return KVUsage(self._tokens.total * self.spec.bytes_per_token, reserved * self.slot_bytes,
                        self.num_slots * self.slot_bytes, len(self._slots), self.slot_bytes,
                        self.num_slots, reserved, len(self._free_slots))
 

@@ -15,7 +15,7 @@ import torch
 
 from ..attention import AttentionMetadata, LayerKV, build_contiguous_metadata
 from ..memory import KVCacheSpec, VirtualKVCache
-from .base import KVUsage
+from .base import KVUsage, TokenCounts
 
 
 class VAttentionKVManager:
@@ -29,8 +29,7 @@ class VAttentionKVManager:
         lay = self.cache.layout
         self.max_tokens_per_request = lay.tokens_in(self.cache.stats().pages_total // lay.num_tensors)
         self._slots: dict[str, int] = {}  # request id -> slot
-        self._tokens: dict[str, int] = {}  # request id -> tokens it holds
-        self._num_tokens = 0  # sum of _tokens (the padding slot's token is no request's)
+        self._tokens = TokenCounts()  # the padding slot's token is no request's
         self._padding_slot: int | None = None  # holds one token that padded graph batches overwrite
         self._caches = []
         for layer in range(spec.num_layers):
@@ -50,15 +49,14 @@ class VAttentionKVManager:
                 self.cache.free(slot)
             return False
         self._slots[request_id] = slot
-        self._num_tokens += num_tokens - self._tokens.get(request_id, 0)
-        self._tokens[request_id] = num_tokens
+        self._tokens.set(request_id, num_tokens)
         return True
 
     def free(self, request_id: str) -> None:
         slot = self._slots.pop(request_id, None)
         if slot is not None:
             self.cache.free(slot)
-            self._num_tokens -= self._tokens.pop(request_id)
+            self._tokens.drop(request_id)
 
     def build_metadata(self, request_ids, query_lens, seq_lens, device, staging=None) -> AttentionMetadata:
         stride = self.cache.slot_stride_tokens
@@ -83,7 +81,7 @@ class VAttentionKVManager:
 
     def usage(self) -> KVUsage:
         st = self.cache.stats()
-        return KVUsage(self._num_tokens * self.cache.spec.bytes_per_token, st.bytes_mapped,
+        return KVUsage(self._tokens.total * self.cache.spec.bytes_per_token, st.bytes_mapped,
                        st.pages_total * st.page_size,
                        len(self._slots), st.page_size, st.pages_total, st.pages_mapped,
                        st.pages_free, counters=vars(st.counters))

@@ -44,9 +44,9 @@ class FaultyDriver:
         self._maybe_fail("map", addr)
         self.inner.map(addr, handle)
 
-    def set_access(self, addr, nbytes):
+    def set_access(self, addr, nbytes, read_only=False):
         self._maybe_fail("set_access", addr)
-        self.inner.set_access(addr, nbytes)
+        self.inner.set_access(addr, nbytes, read_only)
 
     def unmap(self, addr):
         self._maybe_fail("unmap", addr)
@@ -91,11 +91,15 @@ def fill(cache: VirtualKVCache, slot: int, tag: int, start: int, end: int) -> No
 
 
 def check(cache: VirtualKVCache, slot: int, tag: int, end: int) -> None:
+    check_range(cache, slot, tag, 0, end)
+
+
+def check_range(cache: VirtualKVCache, slot: int, tag: int, start: int, end: int) -> None:
     s = cache.spec
     for layer in range(s.num_layers):
         for kv, t in enumerate(cache.kv(layer)):
-            want = token_values(tag, 0, end, layer, kv, s.num_kv_heads, s.head_dim)
-            got = t[slot, :end].cpu()
+            want = token_values(tag, start, end, layer, kv, s.num_kv_heads, s.head_dim)
+            got = t[slot, start:end].cpu()
             bad = (got != want).nonzero()
             assert bad.numel() == 0, (f"slot {slot} layer {layer} kv {kv}: {bad.shape[0]} wrong "
                                       f"values, first at {bad[0].tolist()}: {got[tuple(bad[0])]} "
@@ -103,14 +107,30 @@ def check(cache: VirtualKVCache, slot: int, tag: int, end: int) -> None:
 
 
 def assert_stats_match_recount(cache: VirtualKVCache) -> None:
-    """stats()'s running totals equal a from-scratch recount over the slots."""
+    """stats()'s running totals equal a from-scratch recount over the slots and shared units."""
     with cache._lock:  # re-entrant: stats() takes it again
-        slots, st = cache._slots, cache.stats()
+        slots, st, n = cache._slots, cache.stats(), cache.layout.num_tensors
         groups = sum(len(s.groups) for s in slots)
-        want = dict(pages_mapped=groups * cache.layout.num_tensors + len(cache._lost),
+        distinct = {h for s in slots for g in s.groups for h in g}
+        units = cache._units
+        busy_maps = {u: sum(cache._slots[i].busy for i in u.slots) for u in units}
+        want = dict(pages_mapped=len(distinct) + sum(h is not None for _, h in cache._lost),
+                    num_mappings=groups * n + len(cache._lost),
+                    pages_held=sum(len(u.groups) * n for u in units if not u.slots),
+                    pages_shared=sum(len(u.groups) * n for u in units if busy_maps[u] >= 2),
+                    bytes_saved=sum(max(0, busy_maps[u] - 1) * len(u.groups) * n for u in units)
+                    * cache.page_size,
                     bytes_used=sum(s.num_tokens for s in slots if s.busy) * cache.spec.bytes_per_token,
                     num_slots_busy=sum(s.busy for s in slots),
                     num_slots_idle_mapped=sum(1 for s in slots if not s.busy and s.groups))
+        for u in units:  # each unit's slots map its very handles at its position
+            assert busy_maps[u] == u.num_busy_maps, (u.index, busy_maps[u], u.num_busy_maps)
+            for i in u.slots:
+                s = cache._slots[i]
+                assert s.shared[u.index] is u
+                assert all(s.groups[u.first_group + k] is g for k, g in enumerate(u.groups))
+        for s in slots:
+            assert all(u in units and s.index in u.slots for u in s.shared.values())
     got = {name: getattr(st, name) for name in want}
     assert got == want, f"running totals {got} != recount {want}"
 

@@ -18,9 +18,9 @@ def assert_balanced(cache: VirtualKVCache) -> None:
     the running totals == a recount over the slots."""
     assert_stats_match_recount(cache)
     st = cache.stats()
-    assert st.pages_mapped == cache.driver.num_live_mappings, (st, cache.driver.num_live_mappings)
-    assert st.pages_mapped + st.pages_free == st.pages_total, st
-    assert cache._pool.num_taken == st.pages_mapped
+    assert st.num_mappings == cache.driver.num_live_mappings, (st, cache.driver.num_live_mappings)
+    assert st.pages_mapped + st.pages_held + st.pages_free == st.pages_total, st
+    assert cache._pool.num_taken == st.pages_mapped + st.pages_held
 
 
 def test_alloc_slot_returns_none_when_all_busy():

@@ -1,6 +1,9 @@
 """VirtualKVCache: the public face of the memory library.
 
-    alloc_slot / free     which slot a request owns (best fit over still-mapped pages)
+    alloc_slot / free     which slot a request owns (best fit over still-mapped pages; with a
+                          prefix, a slot that maps it already, else it is aliased in read-only)
+    hold / retain /       sharing: keep a unit of a slot's pages (whole pages, whole tokens)
+      release / copy_tokens  alive for later requests; copy a cached tail into a new slot
     ensure / prepare      how many tokens a slot must hold: now (blocking) or next step (background)
     kv / kv_flat          the virtual tensors, plain strided torch views, built once
     stats / trim / close  what is mapped (running totals, no walk over the slots), give memory
@@ -8,6 +11,11 @@
 
 One lock guards every slot and the pool. Planning (which handles go where, which slot gives up
 pages) happens under it; driver calls happen outside it, on a job whose slot is marked inflight.
+Sharing calls (alloc_slot with a prefix, hold, release, copy_tokens) are rare next to growth and
+make their few driver calls under the lock.
+
+A shared unit's pages are counted once however many slots map them; an aliased unit is mapped
+without write access, so a kernel that writes into another request's prefix faults.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from .drivers import make_driver
 from .drivers.base import Driver, DriverError
 from .mapper import BackgroundMapper
 from .pool import PagePool
-from .slots import MapJob, Slot, SlotTotals, Unmap, pick_slot, pick_victims
+from .slots import MapJob, SharedUnit, Slot, SlotTotals, Unmap, pick_slot, pick_victims
 from .spec import KVCacheSpec, KVLayout
 from .stats import CacheStats, MapCounters
 
@@ -94,6 +102,11 @@ class VirtualKVCache:
         self._stopping = False
         self._closed = False
         self._lost: list[tuple[int, Any]] = []  # (addr, handle) a failed unmap left mapped; retried at close
+        # (handle None: a shared unit's page, which the unit gives back)
+        self._units: set[SharedUnit] = set()  # live shared units
+        self._staged: dict[int, tuple[SharedUnit, torch.Tensor]] = {}  # slot -> a unit's tokens
+        # copied aside by alloc_slot (the slot was the unit's only mapping), for copy_tokens
+        self._share = _ShareTotals()  # their contribution to stats(), kept as they change
         self._base = self.driver.reserve(self.layout.reservation_bytes)
         try:
             self._pool = PagePool(self.driver, num_pages, prealloc)
@@ -101,21 +114,48 @@ class VirtualKVCache:
             self.driver.free_reservation(self._base, self.layout.reservation_bytes)
             raise
         self._views = [self._make_views(layer) for layer in range(spec.num_layers)]
+        self._rows = self._make_rows()
 
     # ---- slots ------------------------------------------------------------------------------
 
-    def alloc_slot(self, num_tokens: int | None = None) -> int | None:
+    def alloc_slot(self, num_tokens: int | None = None, prefix: list[SharedUnit] | tuple = (),
+                   partial: SharedUnit | None = None) -> int | None:
         """A free slot, or None when every slot is busy. With `num_tokens`, the free slot whose
-        still-mapped pages fit it best (deferred reclamation: its pages are reused as they are)."""
+        still-mapped pages fit it best (deferred reclamation: its pages are reused as they are).
+
+        `prefix`: complete units (from hold()) for unit positions 0..len-1, in order, each the
+        unit of the one before's tokens: the slot comes out mapping them (read-only where they
+        had to be aliased in), preferring a slot that maps them already. `partial`: a unit the
+        caller will copy_tokens() from next; if its only slot is free it is chosen and the pages
+        simply become the new owner's (the copy is then a no-op). Whatever else the slot maps
+        from earlier owners' shared units is dropped, so the new owner may write anywhere past
+        the prefix."""
         if num_tokens is not None:
             num_tokens = self._check_length(num_tokens)
+        prefix = list(prefix)
         with self._lock:
             self._check_open()
+            for i, u in enumerate(prefix):
+                if u.dead or not u.complete or u.index != i:
+                    raise ValueError(f"prefix unit {i} is {'dead' if u.dead else 'not a complete unit at position ' + str(i)}")
+            if partial is not None and (partial.dead or partial.index != len(prefix)):
+                raise ValueError("partial must be a live unit right after the prefix")
             want = self.layout.groups_for(num_tokens) if num_tokens is not None else None
-            slot = pick_slot(self._slots, want)
+            if partial is not None and not partial.slots:
+                raise ValueError("partial is mapped in no slot: there is nothing to copy from")
+            slot, steal = self._pick_for_prefix(prefix, partial, want)
             if slot is None:
                 return None
+            while slot.inflight:  # the background mapper is reclaiming from it
+                self._lock.wait()
             self._totals.claim(slot)
+            for u in slot.shared.values():
+                self._change(u, busy=+1)
+            try:
+                self._prepare_slot(slot, prefix, partial, steal)
+            except BaseException:
+                self._release_slot(slot, self.driver.fence())
+                raise
             return slot.index
 
     def free(self, slot: int) -> None:
@@ -123,8 +163,241 @@ class VirtualKVCache:
         fence = self.driver.fence()  # device work issued so far may still read these pages
         with self._lock:
             s = self._busy_slot(slot)
-            self._totals.release(s, fence)
-            self._pending.pop(s.index, None)
+            self._release_slot(s, fence)
+
+    def _release_slot(self, s: Slot, fence: Any) -> None:
+        self._staged.pop(s.index, None)
+        self._totals.release(s, fence)
+        self._pending.pop(s.index, None)
+        units = list(s.shared.values())
+        for u in units:
+            self._change(u, busy=-1)
+        for u in units:
+            self._settle(u)
+
+    # ---- sharing ----------------------------------------------------------------------------
+
+    def hold(self, slot: int, unit: int, tail: bool = False) -> SharedUnit:
+        """Keep unit `unit` of `slot` alive as a SharedUnit until release(); one more hold if it
+        is one already. A complete unit (all its tokens written; the slot must not write into
+        it afterwards) may be aliased into other slots; with `tail`, only the unit's first
+        tokens are written, and it is copied from (copy_tokens), never aliased."""
+        unit = _as_int("unit", unit)
+        lay = self.layout
+        with self._lock:
+            self._check_open()
+            s = self._slot(slot)
+            first = unit * lay.unit_groups
+            end = min(len(s.groups), first + lay.unit_groups)
+            if unit < 0 or end <= first or (not tail and end < first + lay.unit_groups):
+                raise ValueError(f"slot {s.index} maps {'no page' if end <= first else 'part'} "
+                                 f"of unit {unit}")
+            u = s.shared.get(unit)
+            if u is None:
+                u = SharedUnit(unit, first, s.groups[first:end], complete=not tail)
+                self._change(u, attach=s)  # counts it from here on
+            elif not u.complete and (not tail or end > u.end_group):  # a tail that has grown
+                self._change(u, groups=s.groups[first:end], complete=not tail)
+            u.holds += 1
+            return u
+
+    def retain(self, unit: SharedUnit) -> None:
+        with self._lock:
+            unit.holds += 1
+
+    def release(self, unit: SharedUnit) -> None:
+        """Drop one hold. With none left the pages become private to a slot again (or go back
+        to the pool, mapped nowhere), once no busy slot shares them."""
+        with self._lock:
+            if unit.holds <= 0:
+                raise ValueError("release() of a unit with no hold left")
+            unit.holds -= 1
+            self._settle(unit)
+
+    def copy_tokens(self, unit: SharedUnit, slot: int, num_tokens: int) -> None:
+        """Copy the first `num_tokens` tokens of `unit` from a slot that maps it into the same
+        positions of `slot` (already backed, e.g. by ensure()): one device copy over every
+        tensor. A no-op when `unit`'s pages became `slot`'s own in alloc_slot()."""
+        lay = self.layout
+        with self._lock:
+            self._check_open()
+            dst = self._busy_slot(slot)
+            staged = self._staged.pop(dst.index, None)
+            if unit.dead and unit.private_in == dst.index:
+                return
+            start = unit.index * lay.unit_tokens
+            if not 0 <= num_tokens <= lay.unit_tokens or \
+                    num_tokens > lay.tokens_in(unit.end_group) - start:
+                raise ValueError(f"{num_tokens} tokens are not all in unit {unit.index}")
+            if lay.tokens_in(len(dst.groups)) < start + num_tokens:
+                raise ValueError(f"slot {dst.index} does not back tokens [{start}, "
+                                 f"{start + num_tokens}); ensure() them first")
+            b = dst.index * lay.slot_stride_tokens + start
+            if staged is not None and staged[0] is unit:
+                self._rows[:, b:b + num_tokens].copy_(staged[1][:, :num_tokens])
+                return
+            sources = [self._slots[i] for i in sorted(unit.slots) if i != dst.index]
+            if unit.dead or not sources:
+                raise ValueError(f"unit {unit.index} is mapped in no other slot to copy from")
+            src = sources[0]
+            while src.inflight:
+                self._lock.wait()
+            a = src.index * lay.slot_stride_tokens + start
+            self._rows[:, b:b + num_tokens].copy_(self._rows[:, a:a + num_tokens])
+            if not src.busy:
+                src.fence = self.driver.fence()  # reclaiming src must wait for this copy
+
+    def _pick_for_prefix(self, prefix: list[SharedUnit], partial: SharedUnit | None,
+                         want: int | None) -> tuple[Slot | None, bool]:
+        """(slot, whether `partial`'s pages become its own). A free slot that maps the deepest
+        unit of `prefix` maps the tokens before it too (whoever wrote it had them there). A tail
+        whose only slot is free is taken as it is; a complete unit's only slot is avoided, so
+        the unit stays mapped somewhere to copy from."""
+        home = None
+        if partial is not None and len(partial.slots) == 1:
+            home = self._slots[next(iter(partial.slots))]
+            if not partial.complete and not home.busy:
+                return home, True
+        free = [s for s in self._slots if not s.busy and s is not home]
+        if not free:
+            return (home, False) if home is not None and not home.busy else (None, False)
+        for u in reversed(prefix):
+            mapping = [s for s in free if s.index in u.slots]
+            if mapping:
+                return max(mapping, key=lambda s: (len(s.groups), -s.index)), False
+        plain = [s for s in free if not s.shared]
+        return pick_slot(plain or free, want), False
+
+    def _prepare_slot(self, s: Slot, prefix: list[SharedUnit], partial: SharedUnit | None,
+                      steal: bool) -> None:
+        """Make a just-claimed slot map `prefix` and no other shared unit past it; a stolen
+        `partial` (its tail right after the prefix) becomes private to it. A complete `partial`
+        mapped only here is copied aside first, for copy_tokens()."""
+        lay = self.layout
+        h = len(prefix)
+        if steal:
+            matched = h
+        else:
+            matched = next((j + 1 for j in reversed(range(h)) if s.shared.get(j) is prefix[j]), 0)
+            if partial is not None and partial.slots == {s.index}:
+                start = s.index * lay.slot_stride_tokens + partial.index * lay.unit_tokens
+                self._staged[s.index] = (partial, self._rows[:, start:start + lay.unit_tokens].clone())
+        if matched < h:
+            self._truncate(s, matched * lay.unit_groups)
+            self._map_units(s, prefix[matched:])
+        if steal:
+            self._change(partial, detach=s, privatize=True)
+        later = [u.first_group for i, u in s.shared.items() if i >= h]
+        if later:
+            self._truncate(s, min(later))
+
+    def _map_units(self, s: Slot, units: list[SharedUnit]) -> None:
+        """Append complete `units` to slot `s`'s groups (its length is their first group),
+        mapped read-only. On a driver error nothing changes (pages it could not unmap are lost
+        until close, and counted mapped)."""
+        lay = self.layout
+        first = len(s.groups)
+        assert first == units[0].first_group
+        mapped: list[int] = []
+        try:
+            for u in units:
+                for i, group in enumerate(u.groups):
+                    for tensor, handle in enumerate(group):
+                        addr = lay.page_addr(self._base, tensor, s.index, u.first_group + i)
+                        self.driver.map(addr, handle)
+                        mapped.append(addr)
+            num_groups = sum(len(u.groups) for u in units)
+            for tensor in range(lay.num_tensors):
+                self.driver.set_access(lay.page_addr(self._base, tensor, s.index, first),
+                                       num_groups * self.page_size, read_only=True)
+        except BaseException:
+            for addr in reversed(mapped):
+                try:
+                    self.driver.unmap(addr)
+                except DriverError:
+                    self._lost.append((addr, None))
+            raise
+        self._counters.pages_mapped_critical += len(mapped)
+        self._counters.pages_aliased += len(mapped)
+        for u in units:
+            self._totals.append_groups(s, u.groups)
+            self._change(u, attach=s)
+            s.readonly.add(u.index)
+
+    def _truncate(self, s: Slot, first_group: int) -> None:
+        """Unmap slot `s`'s groups from `first_group` (a unit boundary) on: private pages go to
+        the pool, shared units lose this slot (and settle)."""
+        if len(s.groups) <= first_group:
+            return
+        cut_units = [u for u in s.shared.values() if u.first_group >= first_group]
+        shared = {id(g) for u in cut_units for g in u.groups}
+        self._unmap_groups(Unmap(s, first_group, s.groups[first_group:], s.fence))
+        cut = self._totals.cut_groups(s, first_group)
+        self._pool.give([h for g in cut if id(g) not in shared for h in g])
+        for u in cut_units:
+            self._change(u, detach=s)
+            self._settle(u)
+
+    def _settle(self, u: SharedUnit) -> None:
+        """A unit nothing holds: once at most one slot maps it, its pages are that slot's own
+        again (or the pool's). Idle slots beyond the first let go of it now."""
+        if u.dead or u.holds:
+            return
+        if len(u.slots) > 1:
+            for i in sorted(u.slots):
+                s = self._slots[i]
+                if len(u.slots) <= 1 or u.dead:
+                    break
+                if not s.busy and not s.inflight:
+                    self._truncate(s, u.first_group)  # settles u again with one slot fewer
+            return
+        if u.dead:
+            return
+        if u.slots:
+            self._change(u, detach=self._slots[next(iter(u.slots))], privatize=True)
+        else:
+            self._change(u, kill=True)
+
+    def _change(self, u: SharedUnit, busy: int = 0, attach: Slot | None = None,
+                detach: Slot | None = None, privatize: bool = False, kill: bool = False,
+                groups: list | None = None, complete: bool = False) -> None:
+        """The one place a unit's slots, busy maps, groups or life change; keeps the totals
+        stats() reports (pages mapped twice, held, shared, saved) in step."""
+        if u in self._units:
+            self._share.add(u, -1, self.layout.num_tensors)
+        if groups is not None:
+            u.groups, u.complete = groups, complete
+            s = self._slots[next(iter(u.slots))]
+            s.shared_end = max(s.shared_end, u.end_group)
+        u.num_busy_maps += busy
+        if attach is not None:
+            u.slots.add(attach.index)
+            u.num_busy_maps += attach.busy
+            attach.shared[u.index] = u
+            attach.shared_end = max(attach.shared_end, u.end_group)
+        if detach is not None:
+            u.slots.discard(detach.index)
+            u.num_busy_maps -= detach.busy
+            del detach.shared[u.index]
+            detach.shared_end = max((v.end_group for v in detach.shared.values()), default=0)
+            if privatize:
+                if u.index in detach.readonly:  # its new owner writes here
+                    lay = self.layout
+                    for tensor in range(lay.num_tensors):
+                        self.driver.set_access(lay.page_addr(self._base, tensor, detach.index, u.first_group),
+                                               len(u.groups) * self.page_size)
+                u.dead, u.private_in = True, detach.index
+            elif not u.slots and not u.complete:
+                kill = True  # a tail is only useful where it was written
+            detach.readonly.discard(u.index)
+        if kill and not u.dead:
+            self._pool.give([h for g in u.groups for h in g])
+            u.dead = True
+        if u.dead:
+            self._units.discard(u)
+        else:
+            self._units.add(u)
+            self._share.add(u, +1, self.layout.num_tensors)
 
     # ---- growth -----------------------------------------------------------------------------
 
@@ -222,18 +495,29 @@ class VirtualKVCache:
             out.append((view, flat))
         return (out[0][0], out[1][0]), (out[0][1], out[1][1])
 
+    def _make_rows(self) -> torch.Tensor:
+        """Every tensor's token rows as one view [num_tensors, max_seqs * slot_stride_tokens,
+        token elements]: one copy_ moves tokens between slots in every layer at once."""
+        lay, spec = self.layout, self.spec
+        token = lay.token_bytes // spec.itemsize
+        return self.driver.tensor(self._base, (lay.num_tensors, spec.max_seqs * lay.slot_stride_tokens, token),
+                                  spec.dtype, (lay.tensor_bytes // spec.itemsize, token, 1))
+
     # ---- accounting -------------------------------------------------------------------------
 
     def stats(self) -> CacheStats:
         with self._lock:
-            t = self._totals
-            mapped = t.num_groups * self.layout.num_tensors + len(self._lost)
+            t, sh = self._totals, self._share
+            mappings = t.num_groups * self.layout.num_tensors + len(self._lost)
+            mapped = mappings - sh.pages_dup - sum(h is None for _, h in self._lost)
             return CacheStats(
                 page_size=self.page_size, pages_total=self._pool.num_pages, pages_mapped=mapped,
                 pages_free=self._pool.num_available, pages_created=self._pool.num_created,
                 bytes_mapped=mapped * self.page_size, bytes_used=t.num_tokens * self.spec.bytes_per_token,
                 num_slots_busy=t.num_busy, num_slots_idle_mapped=t.num_idle_mapped,
-                counters=replace(self._counters))
+                counters=replace(self._counters), pages_held=sh.pages_held,
+                pages_shared=sh.pages_shared, bytes_saved=sh.pages_saved * self.page_size,
+                num_mappings=mappings, num_units=len(self._units))
 
     def slot_capacity(self, slot: int) -> int:
         """Tokens `slot` can hold with the pages it has mapped now."""
@@ -248,8 +532,7 @@ class VirtualKVCache:
                 self._lock.wait()
             for s in self._slots:
                 if not s.busy and s.groups:
-                    self._unmap_groups(Unmap(s, 0, s.groups, s.fence))
-                    self._pool.give([h for g in self._totals.cut_groups(s, 0) for h in g])
+                    self._truncate(s, 0)  # held units stay held: the prefix cache lets go of them
             return self._pool.trim() * self.page_size
 
     def close(self) -> None:
@@ -271,21 +554,28 @@ class VirtualKVCache:
         errors: list[BaseException] = []
         with self._lock:
             self._closed = True
+            shared = {id(g) for u in self._units for g in u.groups}
             for s in self._slots:
                 try:
                     self._unmap_groups(Unmap(s, 0, s.groups, None))
-                    self._pool.give([h for g in s.groups for h in g])
+                    self._pool.give([h for g in s.groups if id(g) not in shared for h in g])
                 except DriverError as e:
                     errors.append(e)
                 self._totals.cut_groups(s, 0)
+            for u in self._units:  # each live unit's pages once, however many slots mapped them
+                self._pool.give([h for g in u.groups for h in g])
+            self._units.clear()
             for addr, handle in self._lost:
                 try:
                     self.driver.unmap(addr)
                 except DriverError as e:
                     errors.append(e)
-                self._pool.give([handle])  # released below even if still mapped: the driver frees it on unmap
+                if handle is not None:  # released below even if still mapped: the driver frees it on unmap
+                    self._pool.give([handle])
             self._lost.clear()
             self._views = []  # ours would keep the reservation alive; only outside views may
+            self._rows = None
+            self._staged.clear()
             for step in (self._pool.close,
                          lambda: self.driver.free_reservation(self._base, self.layout.reservation_bytes),
                          self.driver.close):
@@ -499,6 +789,22 @@ class VirtualKVCache:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+class _ShareTotals:
+    """What the live shared units add to stats(), in pages: mapped a second time or more
+    (`pages_dup`), held but mapped nowhere, shared by two or more busy slots, and saved (the
+    pages busy slots would need without sharing)."""
+
+    def __init__(self):
+        self.pages_dup = self.pages_held = self.pages_shared = self.pages_saved = 0
+
+    def add(self, u: SharedUnit, sign: int, num_tensors: int) -> None:
+        pages = len(u.groups) * num_tensors
+        self.pages_dup += sign * max(0, len(u.slots) - 1) * pages
+        self.pages_held += sign * (0 if u.slots else pages)
+        self.pages_shared += sign * (pages if u.num_busy_maps >= 2 else 0)
+        self.pages_saved += sign * max(0, u.num_busy_maps - 1) * pages
 
 
 def _as_int(name: str, value: object) -> int:

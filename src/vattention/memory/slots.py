@@ -5,6 +5,11 @@ reclamation takes groups off the tail. Whoever sets `inflight` owns the tail unt
 so the caller's thread and the background mapper never plan on the same slot at once.
 SlotTotals is the only code that changes a slot's busy, num_tokens or groups, so the sums it
 keeps (what stats() reports) never need a walk over every slot.
+
+Sharing: a SharedUnit is a unit of page groups (whole pages, whole tokens) that several slots may
+map at the same offset, and that holders (a prefix cache) keep alive. A slot's groups inside a
+shared unit are the unit's own handle lists; every other group is private to the slot. Reclaiming
+never cuts into a shared unit: a slot's excess stops at its highest one (`shared_end`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,40 @@ class Slot:
     groups: list[list[Any]] = field(default_factory=list)  # mapped groups: groups[g][tensor] = handle
     inflight: bool = False  # a job owns the tail: plan nothing on this slot until it clears
     fence: Any = None  # device work that last used the pages (recorded at free); wait before unmapping
+    shared: dict[int, SharedUnit] = field(default_factory=dict)  # unit index -> the shared unit mapped there
+    readonly: set[int] = field(default_factory=set)  # units of `shared` this slot maps without write access
+    shared_end: int = 0  # groups [0, shared_end) hold every shared unit of this slot
 
     @property
     def excess_groups(self) -> int:
-        """Groups that may be reclaimed: all of an idle slot's, the cushion of a busy one."""
+        """Groups that may be reclaimed: all of an idle slot's, the cushion of a busy one, never
+        below its highest shared unit."""
         if self.inflight:
             return 0
-        return len(self.groups) - (self.reserved_groups if self.busy else 0)
+        return max(0, len(self.groups) - max(self.reserved_groups if self.busy else 0, self.shared_end))
+
+
+@dataclass(eq=False)
+class SharedUnit:
+    """One unit's page groups, mapped by the slots in `slots` (at the same offset in each) and
+    kept alive by `holds`. When no hold remains the pages go back to being private to one slot,
+    or to the pool. A complete unit may be mapped by many slots (aliasing) or by none (still
+    held, ready to be mapped again); a partial one (a tail, copied from and never aliased) lives
+    only where it was written, and dies when that slot drops it."""
+
+    index: int  # unit position in every slot that maps it
+    first_group: int  # = index * unit_groups
+    groups: list[list[Any]]  # its groups' handles: the very lists the mapping slots hold
+    complete: bool  # every token of the unit is written (aliasable); else a tail (copied from)
+    slots: set[int] = field(default_factory=set)  # slots mapping it now
+    holds: int = 0  # references from hold()/retain() not yet released
+    num_busy_maps: int = 0  # of `slots`, those allocated to a request
+    dead: bool = False  # its pages are private to a slot again (`private_in`) or back in the pool
+    private_in: int | None = None  # the slot that kept its pages when it died, if one did
+
+    @property
+    def end_group(self) -> int:
+        return self.first_group + len(self.groups)
 
 
 @dataclass

@@ -15,6 +15,14 @@ tensor and growth never moves it:
 A "page group" is page p of one slot in every tensor (2L pages per_layer, 1 cross_layer): the
 unit of growth. `slot_stride_tokens >= max_seq_len` is chosen so a slot spans whole pages *and*
 whole tokens, which lets varlen kernels index all slots as one [max_seqs*slot_stride_tokens, H, D].
+
+A "unit" is the smallest run of page groups that holds whole tokens: lcm(page_size, token_bytes)
+bytes of each tensor. It sits at the same offset in every slot, so a unit's pages can be mapped
+into a second slot and mean the same tokens there (prefix sharing). With 2 MiB pages:
+  cross_layer  token_bytes = 2 * L * H_kv * D * itemsize; Llama-3-8B bf16: 128 KiB, so one page
+               is one unit of 16 tokens; SmolLM2-135M fp32 (46080 B/token): 45 pages, 2048 tokens
+  per_layer    token_bytes = H_kv * D * itemsize per tensor; Llama-3-8B bf16: 2 KiB, so one group
+               (64 pages, one per layer and K/V) is one unit of 1024 tokens
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ class KVLayout:
     slot_stride_tokens: int = field(init=False)  # token rows from one slot's base to the next
     slot_stride_bytes: int = field(init=False)  # = slot_stride_tokens * token_bytes, page aligned
     tensor_bytes: int = field(init=False)  # one tensor's span: max_seqs * slot_stride_bytes
+    unit_groups: int = field(init=False)  # page groups per sharing unit (whole pages, whole tokens)
+    unit_tokens: int = field(init=False)  # tokens per sharing unit
 
     def __post_init__(self):
         s = self.spec
@@ -83,6 +93,8 @@ class KVLayout:
         object.__setattr__(self, "slot_stride_bytes", slot_stride_bytes)
         object.__setattr__(self, "slot_stride_tokens", slot_stride_bytes // token_bytes)
         object.__setattr__(self, "tensor_bytes", s.max_seqs * slot_stride_bytes)
+        object.__setattr__(self, "unit_groups", unit // self.page_size)
+        object.__setattr__(self, "unit_tokens", unit // token_bytes)
 
     @property
     def reservation_bytes(self) -> int:

@@ -17,6 +17,7 @@ class MapCounters:
     map_seconds_critical: float = 0.0  # driver time spent mapping inside ensure()
     unmap_seconds: float = 0.0  # driver time spent unmapping (including waits on fences)
     wait_seconds: float = 0.0  # time ensure() blocked on pages the background mapper was mapping
+    pages_aliased: int = 0  # of pages_mapped_critical, second mappings of shared units (read-only)
 
 
 @dataclass
@@ -25,14 +26,19 @@ class CacheStats:
 
     page_size: int  # bytes per physical page
     pages_total: int  # the budget in pages
-    pages_mapped: int  # pages mapped into some slot (busy or idle)
-    pages_free: int  # pages in the pool: pages_total - pages_mapped
+    pages_mapped: int  # distinct pages mapped into some slot (busy or idle)
+    pages_free: int  # pages in the pool: pages_total - pages_mapped - pages_held
     pages_created: int  # pages holding physical memory now (mapped + pooled handles)
     bytes_mapped: int  # pages_mapped * page_size
     bytes_used: int  # bytes of tokens the busy slots hold
     num_slots_busy: int  # slots allocated to a request
     num_slots_idle_mapped: int  # free slots still holding pages (deferred reclamation)
     counters: MapCounters  # cumulative mapping activity
+    pages_held: int = 0  # pages of shared units mapped in no slot, kept for a prefix cache
+    pages_shared: int = 0  # pages two or more busy slots map (counted once in pages_mapped)
+    bytes_saved: int = 0  # bytes busy slots would need more without sharing
+    num_mappings: int = 0  # page mappings: pages_mapped plus every second mapping of a shared page
+    num_units: int = 0  # live shared units
 
     @property
     def bytes_wasted(self) -> int:

@@ -54,8 +54,9 @@ class Driver(Protocol):
     def map(self, addr: int, handle: Any) -> None:
         """Map page `handle` at `addr`; not yet accessible until `set_access`."""
 
-    def set_access(self, addr: int, nbytes: int) -> None:
-        """Grant read/write over `nbytes` of mapped pages starting at `addr` (batch contiguous runs)."""
+    def set_access(self, addr: int, nbytes: int, read_only: bool = False) -> None:
+        """Grant read/write (read only, with `read_only`) over `nbytes` of mapped pages starting
+        at `addr` (batch contiguous runs). A write through a read-only range faults."""
 
     def unmap(self, addr: int) -> None:
         """Unmap the page at `addr`; a later access faults."""

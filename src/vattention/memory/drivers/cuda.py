@@ -3,7 +3,8 @@
     reserve      cuMemAddressReserve        free_reservation  cuMemAddressFree
     create       cuMemCreate(PINNED, DEVICE) release          cuMemRelease
     map          cuMemMap                    unmap            cuMemUnmap
-    set_access   cuMemSetAccess(READWRITE) over a contiguous run (the expensive call: batch it)
+    set_access   cuMemSetAccess(READWRITE, or READ for a read-only alias) over a contiguous run
+                 (the expensive call: batch it)
 
 Every CUresult is checked and raised as a DriverError naming the call and address. Torch must
 have created the device's primary context first (we make sure); a background thread makes that
@@ -76,6 +77,11 @@ class CudaDriver:
         access.location.id = self.device_index
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access = [access]
+        read = cu.CUmemAccessDesc()
+        read.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        read.location.id = self.device_index
+        read.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READ
+        self._read_access = [read]
         self.granularity = int(self._check("cuMemGetAllocationGranularity",
                                            cu.cuMemGetAllocationGranularity(
                                                prop, cu.CUmemAllocationGranularity_flags
@@ -133,8 +139,9 @@ class CudaDriver:
         self._check("cuMemMap", self._cu.cuMemMap(addr, self.page_size, 0, handle, 0), addr)
         self._count("num_live_mappings", 1)
 
-    def set_access(self, addr: int, nbytes: int) -> None:
-        self._check("cuMemSetAccess", self._cu.cuMemSetAccess(addr, nbytes, self._access, 1), addr)
+    def set_access(self, addr: int, nbytes: int, read_only: bool = False) -> None:
+        access = self._read_access if read_only else self._access
+        self._check("cuMemSetAccess", self._cu.cuMemSetAccess(addr, nbytes, access, 1), addr)
 
     def unmap(self, addr: int) -> None:
         self._check("cuMemUnmap", self._cu.cuMemUnmap(addr, self.page_size), addr)

@@ -3,7 +3,7 @@
     reservation   mmap(PROT_NONE, MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE)   any access faults
     page          a page-sized slice of one memfd file (its offset is the handle)
     map           mmap(addr, PROT_NONE, MAP_FIXED|MAP_SHARED, memfd, offset)  still faults ...
-    set_access    mprotect(READ|WRITE)                                        ... until access is set
+    set_access    mprotect(READ|WRITE), or mprotect(READ) read-only           ... until access is set
     unmap         mmap(addr, PROT_NONE, MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS)  faults again
     release       fallocate(PUNCH_HOLE): the page's memory really goes back to the OS
 
@@ -153,9 +153,10 @@ class HostDriver:
         with self._lock:
             self.num_live_mappings += 1
 
-    def set_access(self, addr: int, nbytes: int) -> None:
-        if _libc.mprotect(addr, nbytes, _PROT_READ | _PROT_WRITE) != 0:
-            raise DriverError("mprotect(READ|WRITE)", _errno_detail(), addr)
+    def set_access(self, addr: int, nbytes: int, read_only: bool = False) -> None:
+        prot, name = (_PROT_READ, "READ") if read_only else (_PROT_READ | _PROT_WRITE, "READ|WRITE")
+        if _libc.mprotect(addr, nbytes, prot) != 0:
+            raise DriverError(f"mprotect({name})", _errno_detail(), addr)
 
     def unmap(self, addr: int) -> None:
         got = _libc.mmap(addr, self.page_size, _PROT_NONE,

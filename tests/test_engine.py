@@ -134,11 +134,15 @@ def test_no_slot_or_page_leaks_after_many_requests(tmp_path, kv_cache):
     assert [len(o.outputs[0].token_ids) for o in outs] == [1 + i % 9 for i in range(40)]
     usage = llm.engine.kv.usage()
     assert usage.num_requests == 0 and usage.bytes_used == 0 and not llm.engine._groups
+    assert usage.bytes_saved == 0 and usage.pages_shared == 0
+    assert (usage.num_cached_units > 0) == (kv_cache != "static")  # the prompts share starts
+    llm.engine.kv.reset_prefix_cache()  # what the prefix cache kept goes back too
     if kv_cache == "vattention":
         llm.engine.kv.cache.trim()
-        assert llm.engine.kv.cache.stats().pages_mapped == 0
+        st = llm.engine.kv.cache.stats()
+        assert (st.pages_mapped, st.pages_held, st.num_units) == (0, 0, 0), st
     else:
-        assert usage.bytes_committed == 0
+        assert llm.engine.kv.usage().bytes_committed == 0
 
 
 def test_n_samples_and_seeds(checkpoint):

@@ -113,10 +113,10 @@ def test_a_failure_in_one_requests_kv_growth_finishes_only_that_request(path, kv
     allocate = kv.allocate
     poisoned_ids = set()
 
-    def failing_allocate(request_id, num_tokens):
+    def failing_allocate(request_id, num_tokens, hit=None):
         if request_id in poisoned_ids and num_tokens > 6:
             raise DriverError("cuMemMap", "injected failure", 0x1000)
-        return allocate(request_id, num_tokens)
+        return allocate(request_id, num_tokens, hit)
 
     kv.allocate = failing_allocate
     add_request = llm.engine.add_request

@@ -132,10 +132,10 @@ def test_a_failing_kv_allocation_fails_only_that_request():
     s.add(bad)
     allocate = kv.allocate
 
-    def failing(request_id, num_tokens):
+    def failing(request_id, num_tokens, hit=None):
         if request_id == "bad":
             raise RuntimeError("injected")
-        return allocate(request_id, num_tokens)
+        return allocate(request_id, num_tokens, hit)
 
     kv.allocate = failing
     out = s.schedule()

@@ -170,8 +170,8 @@ def _torchrun_rank(rank: int, port: int, path: str, fault: str, results) -> None
     if rank == 1 and fault == "memory":
         real_allocate = kv_vattention.VAttentionKVManager.allocate
 
-        def short_allocate(self, request_id, num_tokens):
-            return num_tokens < 30 and real_allocate(self, request_id, num_tokens)
+        def short_allocate(self, request_id, num_tokens, hit=None):
+            return num_tokens < 30 and real_allocate(self, request_id, num_tokens, hit)
         kv_vattention.VAttentionKVManager.allocate = short_allocate
     try:
         outs = make_llm(path, tensor_parallel_size=2).generate(PROMPTS, GREEDY)

@@ -59,6 +59,7 @@ class CacheConfig:
     kv_cache_memory_gib: float | None = None  # KV budget; None = 90% of free GPU memory after the model (CPU: 4 GiB)
     page_size: int | None = None  # bytes per page; None = driver granularity (2 MiB)
     block_size: int = 16  # paged: tokens per block
+    enable_prefix_caching: bool = True  # reuse the KV of a prompt's cached start (vattention: shared pages; paged: shared blocks; static: none)
     attention_backend: str = "auto"  # auto (CUDA: triton, our split-KV decode with FA2 prefill; CPU: sdpa), flash, triton, flex (paged), sdpa, reference
 
     def __post_init__(self):

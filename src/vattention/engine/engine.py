@@ -89,6 +89,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.peak_bytes_used = 0  # most KV bytes holding tokens after any step
         self.peak_bytes_committed = 0  # most KV bytes mapped/allocated/reserved after any step
+        self.peak_bytes_physical = 0  # most KV bytes the running requests' tokens take, shared prefixes once
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -97,9 +98,12 @@ class LLMEngine:
         return SamplingParams(**{**self.default_sampling, **given})
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, cache_salt: str | None = None) -> str:
         """Queue a prompt (text or token ids); returns its id. Bad input raises ValueError and
-        leaves the engine and other requests untouched."""
+        leaves the engine and other requests untouched. Only requests with the same
+        `cache_salt` (None included) share cached prefixes."""
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._groups:
@@ -115,7 +119,7 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             req = Request(f"{request_id}#{i}", prompt_ids, params, self.eos_token_ids, max_tokens,
-                          prompt=text, sample_index=i, generator=gen)
+                          prompt=text, sample_index=i, generator=gen, cache_salt=cache_salt)
             group.append(req)
         for req in group:
             self.scheduler.add(req)
@@ -159,7 +163,9 @@ class LLMEngine:
         return EngineStats(num_running=len(running), num_waiting=len(s.waiting),
                            num_decoding=sum(r.num_computed_tokens >= len(r.prompt_token_ids) for r in running),
                            num_context_tokens=sum(r.num_computed_tokens for r in running),
-                           num_preemptions=s.num_preemptions, kv=self.kv.usage(), last_step=self.last_step)
+                           num_preemptions=s.num_preemptions, kv=self.kv.usage(), last_step=self.last_step,
+                           prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
+                           num_prompt_tokens_computed=s.num_prompt_tokens_computed)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -253,6 +259,7 @@ class LLMEngine:
         usage = self.kv.usage()
         self.peak_bytes_used = max(self.peak_bytes_used, usage.bytes_used)
         self.peak_bytes_committed = max(self.peak_bytes_committed, usage.bytes_committed)
+        self.peak_bytes_physical = max(self.peak_bytes_physical, usage.bytes_physical)
 
     def memory_summary(self) -> str:
         """One line: peak KV bytes holding tokens vs committed to hold them."""
@@ -265,6 +272,11 @@ class LLMEngine:
         tp = self.config.parallel.tensor_parallel_size
         if tp > 1:
             line += f" on rank 0 of {tp} (each rank holds its own KV heads)"
+        s = self.scheduler
+        if s.prefix_queries:
+            line += (f"; prefix cache: {s.prefix_hits}/{s.prefix_queries} tokens hit "
+                     f"({s.prefix_hits / s.prefix_queries:.0%}), peak "
+                     f"{self.peak_bytes_physical / mib:.2f} MiB with shared prefixes counted once")
         counters = self.kv.usage().counters
         if "pages_mapped_critical" in counters:
             line += (f"; {counters['pages_mapped_critical']} pages mapped in "

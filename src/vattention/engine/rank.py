@@ -52,7 +52,8 @@ def build_rank(config: EngineConfig, group: TPGroup | None) -> RankState:
     budget = _kv_budget(cc, device)
     if group is not None:
         budget = group.min(budget)
-    kv = make_kv_manager(cc.kv_cache, spec, device, budget, cc.page_size, cc.block_size)
+    kv = make_kv_manager(cc.kv_cache, spec, device, budget, cc.page_size, cc.block_size,
+                         cc.enable_prefix_caching)
     backend = make_backend(cc.attention_backend, kv.kind, arch.head_dim, device, cc.block_size)
     runner = ModelRunner(model, kv, backend, Sampler(), device, sc.max_num_batched_tokens, sc.max_num_seqs)
     if use_graphs(mc.enforce_eager, device, backend.name, shard.world_size):

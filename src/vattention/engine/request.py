@@ -58,6 +58,10 @@ class Request:
     num_sent_tokens: int = 0  # DELTA outputs: output tokens (and their logprobs) handed out so far
     num_sent_chars: int = 0  # DELTA outputs: characters of text handed out so far
     done_sent: bool = False  # its last output (finished) has been handed out
+    cache_salt: str | None = None  # prefix caching: only requests with the same salt share
+    prefix_keys: list[bytes] = field(default_factory=list)  # keys of its full cache units so far
+    num_cached_tokens: int = 0  # prompt tokens its first admission found cached (not computed)
+    num_units_published: int = 0  # its leading cache units offered to the KV manager
 
     @property
     def num_tokens(self) -> int:

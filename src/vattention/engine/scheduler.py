@@ -16,13 +16,19 @@ token by then, which update_from_output discards.
 
 A request whose KV allocation raises (a driver error, say) fails alone: it is finished with
 finish_reason "error" and listed in the output's `failed`; the rest of the batch is scheduled.
+
+Prefix caching (when the KV manager has a cache unit): a request being admitted from scratch
+asks the KV manager for the cached start of its tokens and begins computing after it. After
+each schedule the requests' newly filled units are offered for reuse (their KV is issued by
+then, and any later reader runs after it on the device); a request that ends or is preempted
+offers its tail too. A step that never ran clears the cache: it may list KV never written.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from ..kv import KVManager
+from ..kv import KVManager, PrefixHit, extend_keys
 from .output_processor import OutputProcessor
 from .request import Request, RequestStatus
 from .step_io import ScheduledRequest, SchedulerOutput, StepResult
@@ -37,6 +43,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0  # since the start
+        self.prefix_queries = 0  # tokens of requests admitted from scratch (prefix cache lookups)
+        self.prefix_hits = 0  # of those, tokens found cached
+        self.num_prompt_tokens_computed = 0  # prompt tokens scheduled for computing (recompute included)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -73,38 +82,91 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:
                 break  # preempted while its last token was on the device: admitted once it arrives
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._allocate(req, n, out):
+            hit = self._match_prefix(req, out)
+            if req.finished:
+                continue
+            cached = hit.num_tokens if hit is not None else 0
+            n = min(req.num_tokens - cached, budget)
+            if not self._allocate(req, cached + n, out, hit):
                 if req.finished:
                     continue  # it failed and left the queue
                 break  # not enough KV memory now; retry when something finishes
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if self.kv.cache_unit:
+                self.prefix_queries += req.num_tokens
+                self.prefix_hits += cached
+                if not req.num_preemptions:
+                    req.num_cached_tokens = cached
+            req.num_computed_tokens = cached
+            req.num_units_published = cached // self.kv.cache_unit if self.kv.cache_unit else 0
             out.scheduled.append(self._schedule(req, n))
             budget -= n
         out.num_batched_tokens = self.max_num_batched_tokens - budget
+        for item in out.scheduled:
+            self._publish(item.request, out)
         return out
 
-    def _allocate(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+    def _allocate(self, req: Request, num_tokens: int, out: SchedulerOutput,
+                  hit: PrefixHit | None = None) -> bool:
         """kv.allocate, except that an error raised for this request fails only this request."""
         try:
-            return self.kv.allocate(req.request_id, num_tokens)
+            return self.kv.allocate(req.request_id, num_tokens, hit)
         except Exception as e:  # noqa: BLE001 - the error is this request's; the step goes on
             self.fail(req, f"KV allocation of {num_tokens} tokens failed: {type(e).__name__}: {e}")
             out.failed.append(req)
             return False
 
+    # ---- prefix caching -----------------------------------------------------------------------
+
+    def _match_prefix(self, req: Request, out: SchedulerOutput) -> PrefixHit | None:
+        unit = self.kv.cache_unit
+        if not unit or req.num_computed_tokens:
+            return None
+        try:
+            tokens = req.all_token_ids
+            extend_keys(req.prefix_keys, tokens, unit, req.cache_salt)
+            return self.kv.match_prefix(tokens, req.prefix_keys, req.cache_salt)
+        except Exception as e:  # noqa: BLE001 - this request's alone
+            self.fail(req, f"prefix cache lookup failed: {type(e).__name__}: {e}")
+            out.failed.append(req)
+            return None
+
+    def _publish(self, req: Request, out: SchedulerOutput | None = None, final: bool = False) -> None:
+        """Offer the request's computed (or issued) tokens to the prefix cache: its full units
+        when a new one has filled, and with `final` (it is about to be freed) its tail."""
+        unit = self.kv.cache_unit
+        if not unit or req.status is not RequestStatus.RUNNING:
+            return
+        n = min(req.num_computed_tokens, req.num_tokens)
+        if n // unit <= req.num_units_published and not (final and n % unit):
+            return
+        try:
+            tokens = req.all_token_ids
+            extend_keys(req.prefix_keys, tokens, unit, req.cache_salt)
+            self.kv.cache_prefix(req.request_id, tokens, req.prefix_keys, n, final, req.cache_salt)
+            req.num_units_published = n // unit
+        except Exception as e:  # noqa: BLE001 - caching is an optimization; the request goes on
+            req.num_units_published = n // unit  # not offered again
+            if out is not None and not final:
+                self.fail(req, f"prefix caching failed: {type(e).__name__}: {e}")
+                out.failed.append(req)
+
     def _schedule(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
+        self.num_prompt_tokens_computed += max(0, min(start + n, len(req.prompt_token_ids)) - start)
         samples = start + n == req.num_tokens + req.num_pending
         req.num_computed_tokens += n
         req.num_pending += samples
         return ScheduledRequest(req, start, n, samples)
 
-    def _preempt(self, req: Request) -> None:
-        """Drop the request's KV; it goes back to the front of the queue to be recomputed (a
-        token still pending for it is appended when its step is collected)."""
+    def _preempt(self, req: Request, publish: bool = True) -> None:
+        """Drop the request's KV (offered to the prefix cache first, so its recompute may find
+        it); it goes back to the front of the queue to be recomputed (a token still pending for
+        it is appended when its step is collected)."""
+        if publish:
+            self._publish(req, final=True)
         self.running.remove(req)
         self.kv.free(req.request_id)
         req.status = RequestStatus.WAITING
@@ -151,13 +213,16 @@ class Scheduler:
             req = item.request
             req.num_pending -= item.samples
             if req.status is RequestStatus.RUNNING:
-                self._preempt(req)
+                self._preempt(req, publish=False)
                 self.num_preemptions -= 1  # not a preemption for memory
                 req.num_preemptions -= 1
             elif req.status is RequestStatus.WAITING:
                 req.num_computed_tokens = 0
+        self.kv.reset_prefix_cache()  # it may list units this step was to write
 
     def finish(self, req: Request, reason: str) -> None:
+        if reason != "error":
+            self._publish(req, final=True)
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req in self.waiting:

@@ -27,3 +27,6 @@ class EngineStats:
     num_preemptions: int  # sequences preempted since the engine started
     kv: KVUsage  # KV memory now (kept as counters: cheap every step)
     last_step: StepTiming | None  # the latest step() call
+    prefix_cache_queries: int = 0  # tokens of sequences admitted from scratch (looked up in the prefix cache)
+    prefix_cache_hits: int = 0  # of those, tokens found cached (not computed)
+    num_prompt_tokens_computed: int = 0  # prompt tokens scheduled for computing since the start

@@ -33,7 +33,8 @@ class TensorParallelError(RuntimeError):
 
 @dataclass
 class StepPlan:
-    kv_ops: list[tuple] = field(default_factory=list)  # ("allocate", id, n, ok) / ("free", id), in order
+    kv_ops: list[tuple] = field(default_factory=list)  # ("allocate", id, n, ok, lookup) / ("free", id) /
+    # ("cache_prefix", ...) / ("reset_prefix_cache",), in order
     inputs: StepInputs | None = None  # the forward pass; None: only KV bookkeeping (or stop)
     stop: bool = False  # the engine is closing: workers leave their loop
 
@@ -45,12 +46,31 @@ class RecordingKV:
         self.inner = inner
         self.kind = inner.kind
         self.max_tokens_per_request = inner.max_tokens_per_request
+        self.cache_unit = inner.cache_unit
         self.ops: list[tuple] = []
+        self._lookup: tuple | None = None  # the latest match_prefix's arguments and hit length
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        ok = self.inner.allocate(request_id, num_tokens)
-        self.ops.append(("allocate", request_id, num_tokens, ok))
+    def match_prefix(self, token_ids, keys, salt=None):
+        """Every rank finds the same hit from the same tokens: replay redoes the lookup (each
+        rank's cache holds the same units) and checks its length against rank 0's."""
+        hit = self.inner.match_prefix(token_ids, keys, salt)
+        self._lookup = (tuple(token_ids), list(keys), salt, hit.num_tokens if hit else 0)
+        return hit
+
+    def allocate(self, request_id: str, num_tokens: int, hit=None) -> bool:
+        ok = self.inner.allocate(request_id, num_tokens, hit)
+        lookup, self._lookup = (self._lookup if hit is not None else None), None
+        self.ops.append(("allocate", request_id, num_tokens, ok, lookup))
         return ok
+
+    def cache_prefix(self, request_id, token_ids, keys, num_tokens, final=False, salt=None) -> None:
+        self.inner.cache_prefix(request_id, token_ids, keys, num_tokens, final, salt)
+        self.ops.append(("cache_prefix", request_id, tuple(token_ids[:num_tokens]),
+                         list(keys[:num_tokens // self.cache_unit]), num_tokens, final, salt))
+
+    def reset_prefix_cache(self) -> None:
+        self.inner.reset_prefix_cache()
+        self.ops.append(("reset_prefix_cache",))
 
     def free(self, request_id: str) -> None:
         self.inner.free(request_id)
@@ -82,8 +102,23 @@ def replay(kv: KVManager, ops: list[tuple], rank: int) -> None:
         if op[0] == "free":
             kv.free(op[1])
             continue
-        _, request_id, num_tokens, ok = op
-        if kv.allocate(request_id, num_tokens) != ok:
+        if op[0] == "cache_prefix":
+            _, request_id, token_ids, keys, num_tokens, final, salt = op
+            kv.cache_prefix(request_id, list(token_ids), keys, num_tokens, final, salt)
+            continue
+        if op[0] == "reset_prefix_cache":
+            kv.reset_prefix_cache()
+            continue
+        _, request_id, num_tokens, ok, lookup = op
+        hit = None
+        if lookup is not None:
+            token_ids, keys, salt, want = lookup
+            hit = kv.match_prefix(list(token_ids), keys, salt)
+            if (hit.num_tokens if hit else 0) != want:
+                raise TensorParallelError(
+                    f"rank {rank}: the prefix cache has {hit.num_tokens if hit else 0} tokens of "
+                    f"request {request_id} where rank 0 has {want}")
+        if kv.allocate(request_id, num_tokens, hit) != ok:
             raise TensorParallelError(
                 f"rank {rank}: KV memory for {num_tokens} tokens of request {request_id} "
                 f"{'could not' if ok else 'could'} be allocated here, unlike on rank 0 (the ranks' "

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..attention import AttentionMetadata, LayerKV, StepStaging
+from .prefix import PrefixHit
 
 
 @dataclass
@@ -23,6 +24,14 @@ class KVUsage:
     pages_mapped: int  # units mapped/allocated/reserved now: busy, kept for reuse, or the padding unit
     pages_free: int  # units free to hand out now: pages_total - pages_mapped (less pages a map job holds)
     counters: dict = field(default_factory=dict)  # design-specific running totals (e.g. pages mapped in background)
+    bytes_saved: int = 0  # of bytes_used, bytes held once for several requests (shared prefixes)
+    pages_shared: int = 0  # units two or more running requests use (counted once in pages_mapped)
+    num_cached_units: int = 0  # prefix-cache entries (units or blocks) kept for later requests
+
+    @property
+    def bytes_physical(self) -> int:
+        """Bytes the running requests' tokens take, a shared prefix counted once."""
+        return self.bytes_used - self.bytes_saved
 
     @property
     def utilization(self) -> float:
@@ -35,9 +44,23 @@ class KVManager(Protocol):
 
     kind: str  # "contiguous" or "paged": which attention backends can read it
     max_tokens_per_request: int  # the most tokens one request can ever hold (budget and context)
+    cache_unit: int  # prefix caching: tokens per cached unit (0: no prefix caching)
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        """Make the request hold tokens [0, num_tokens); False (nothing changed) if memory is short."""
+    def allocate(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> bool:
+        """Make the request hold tokens [0, num_tokens); False (nothing changed) if memory is
+        short. A new request with `hit` (from match_prefix just before) starts with its tokens."""
+
+    def match_prefix(self, token_ids: list[int], keys: list[bytes], salt: str | None = None) -> PrefixHit | None:
+        """The cached start of `token_ids` (`keys` = prefix.extend_keys over cache_unit), at
+        most all tokens but the last; None when nothing is. Pure but for the LRU order."""
+
+    def cache_prefix(self, request_id: str, token_ids: list[int], keys: list[bytes], num_tokens: int,
+                     final: bool = False, salt: str | None = None) -> None:
+        """Offer the request's tokens [0, num_tokens) (their KV computed or issued) for reuse;
+        `final`: it is about to be freed."""
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (what running requests use stays theirs)."""
 
     def free(self, request_id: str) -> None: ...
 

@@ -12,7 +12,10 @@ from .base import KVUsage, TokenCounts
 
 
 class StaticKVManager:
+    """No prefix caching: a request's reservation is its own (the pre-vLLM design had none)."""
+
     kind = "contiguous"
+    cache_unit = 0
 
     def __init__(self, spec: KVCacheSpec, device: torch.device, budget_bytes: int):
         self.spec = spec
@@ -38,13 +41,22 @@ class StaticKVManager:
         self._tokens = TokenCounts()
         self._padding_slot: int | None = None  # padded graph batches write and read its first row
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
+    def allocate(self, request_id: str, num_tokens: int, hit=None) -> bool:
         if request_id not in self._slots:
             if not self._free_slots:
                 return False
             self._slots[request_id] = self._free_slots.pop()
         self._tokens.set(request_id, num_tokens)
         return True
+
+    def match_prefix(self, token_ids, keys, salt=None) -> None:
+        return None
+
+    def cache_prefix(self, request_id, token_ids, keys, num_tokens, final=False, salt=None) -> None:
+        pass
+
+    def reset_prefix_cache(self) -> None:
+        pass
 
     def free(self, request_id: str) -> None:
         slot = self._slots.pop(request_id, None)

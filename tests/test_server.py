@@ -158,7 +158,11 @@ def test_streamed_completion_deltas_equal_the_greedy_text_and_usage(client):
                                             stream_options={"include_usage": True}, **GREEDY))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    streamed = chunks[-1].usage
+    assert chunks[-1].choices == [] and streamed.model_dump(exclude={"prompt_tokens_details"}) == \
+        usage.model_dump(exclude={"prompt_tokens_details"})
+    # the same prompt again: all of it but the last token comes from the prefix cache
+    assert streamed.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
 
 
 def test_chat_answers_and_streams_the_same_text(main, client):
@@ -173,7 +177,11 @@ def test_chat_answers_and_streams_the_same_text(main, client):
                                                  stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
-    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].usage == full.usage
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    streamed = chunks[-1].usage
+    assert streamed.model_dump(exclude={"prompt_tokens_details"}) == \
+        full.usage.model_dump(exclude={"prompt_tokens_details"})
+    assert streamed.prompt_tokens_details.cached_tokens == prompt_len - 1  # asked before
 
 
 def test_n_samples_are_indexed_and_counted(client):
@@ -318,6 +326,29 @@ def test_metrics_count_requests_tokens_and_kv_pages(main):
     mapped = ("vattention:kv_pages_mapped_critical_total",
               "vattention:kv_pages_mapped_background_total")
     assert sum(m[name] for name in mapped) > 0
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens_and_salts_keep_tenants_apart(main, client):
+    prompt = "The history of the printing press begins in the fifteenth century, when " * 4
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                      extra_body={"cache_salt": "tenant-a"})
+    n = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                      extra_body={"cache_salt": "tenant-a"})
+    assert again.usage.prompt_tokens_details.cached_tokens == n - 1  # all but the last token
+    assert again.choices[0].text == first.choices[0].text
+    other = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                      extra_body={"cache_salt": "tenant-b"})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, stream=True,
+                                       stream_options={"include_usage": True},
+                                       extra_body={"cache_salt": "tenant-b"})
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert usage[-1].prompt_tokens_details.cached_tokens == n - 1
+    m = main.metrics()
+    assert m["vattention:prefix_cache_hits_total"] >= 2 * (n - 1)
+    assert m["vattention:prefix_cache_queries_total"] >= 4 * n
 
 
 # ---- errors ---------------------------------------------------------------------------------

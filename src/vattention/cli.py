@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget-mib", type=int, default=256, help="physical KV memory budget")
 
     bench = sub.add_parser("bench", help="benchmarks (tables + JSON)")
-    bench.add_argument("suite", choices=["memory", "offline", "kernels", "capacity", "throughput", "serve", "latency"])
+    bench.add_argument("suite", choices=["memory", "offline", "kernels", "capacity", "throughput", "serve", "latency", "prefix"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     return parser
 

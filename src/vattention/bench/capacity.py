@@ -143,8 +143,9 @@ def build(design: Design, arch: ModelArchConfig, trace: Trace, budget: int, page
     spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim, KV_DTYPE, max_seqs=max_seqs,
                        max_seq_len=max_len, layout=design.layout)
     device = torch.device("cpu" if design.kind == "vattention" else "meta")
+    # no prefix caching: the trace's token ids are placeholders, and this measures packing
     return make_kv_manager(design.kind, spec, device, budget, page_size,
-                           block_size=design.block_size)
+                           block_size=design.block_size, enable_prefix_caching=False)
 
 
 def admission(kv: KVManager, trace: Trace) -> dict:

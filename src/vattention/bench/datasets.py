@@ -204,7 +204,72 @@ def write_sharegpt_subset(out: Path, max_bytes: int = 2_000_000, max_len: int = 
     return len(items)
 
 
+def iter_sharegpt_conversations(path: str | Path | None = None, max_turns: int = 4
+                                ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """(conversation id, its first `max_turns` (human, gpt) turn pairs) of each conversation that
+    has at least two, in order; turns that do not alternate end the conversation."""
+    for conv in iter_json_array(path or sharegpt_path()):
+        turns, pairs = conv.get("conversations") or [], []
+        i = next((i for i, t in enumerate(turns) if t.get("from") == "human"), len(turns))
+        while i + 1 < len(turns) and len(pairs) < max_turns:
+            if turns[i].get("from") != "human" or turns[i + 1].get("from") != "gpt":
+                break
+            pairs.append((turns[i].get("value", ""), turns[i + 1].get("value", "")))
+            i += 2
+        if len(pairs) >= 2:
+            yield conv.get("id", ""), pairs
+
+
+def sharegpt_conversations(num: int, max_len: int = 4096, max_turns: int = 4,
+                           path: str | Path | None = None) -> list[list[tuple[int, int]]]:
+    """The first `num` conversations of 2..max_turns turns as (human tokens, gpt tokens) per
+    turn, estimated at 4 characters a token, cut before the turn that would take the whole
+    conversation past `max_len` tokens (kept if at least two turns remain)."""
+    out = []
+    for _, pairs in iter_sharegpt_conversations(path, max_turns):
+        turns, total = [], 0
+        for human, gpt in pairs:
+            h, g = approx_tokens(human), approx_tokens(gpt)
+            if total + h + g > max_len:
+                break
+            turns.append((h, g))
+            total += h + g
+        if len(turns) >= 2:
+            out.append(turns)
+            if len(out) == num:
+                return out
+    raise ValueError(f"the ShareGPT file has only {len(out)} conversations of 2+ turns within "
+                     f"{max_len} tokens; ask for fewer")
+
+
+def write_sharegpt_multiturn_subset(out: Path, max_bytes: int = 2_000_000, max_len: int = 4096,
+                                    max_turns: int = 4, source: str | Path | None = None) -> int:
+    """Like write_sharegpt_subset, for multi-turn conversations: the first ones with 2+ turns
+    within `max_len` tokens, each cut to what sharegpt_conversations keeps of it."""
+    items, size = [], 2
+    for conv_id, pairs in iter_sharegpt_conversations(source, max_turns):
+        kept, total = [], 0
+        for human, gpt in pairs:
+            total += approx_tokens(human) + approx_tokens(gpt)
+            if total > max_len:
+                break
+            kept += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+        if len(kept) < 4:
+            continue
+        item = json.dumps({"id": conv_id, "conversations": kept}, ensure_ascii=False, separators=(",", ":"))
+        size += len(item.encode()) + 2
+        if size > max_bytes:
+            break
+        items.append(item)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("[\n" + ",\n".join(items) + "\n]\n", encoding="utf-8")
+    return len(items)
+
+
 if __name__ == "__main__":
     import sys
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/data/sharegpt_subset.json")
-    print(f"{write_sharegpt_subset(target)} conversations written to {target}")
+    if len(sys.argv) > 2 and sys.argv[2] == "multiturn":
+        print(f"{write_sharegpt_multiturn_subset(target)} conversations written to {target}")
+    else:
+        print(f"{write_sharegpt_subset(target)} conversations written to {target}")

@@ -250,9 +250,10 @@ class VirtualKVCache:
     def _pick_for_prefix(self, prefix: list[SharedUnit], partial: SharedUnit | None,
                          want: int | None) -> tuple[Slot | None, bool]:
         """(slot, whether `partial`'s pages become its own). A free slot that maps the deepest
-        unit of `prefix` maps the tokens before it too (whoever wrote it had them there). A tail
-        whose only slot is free is taken as it is; a complete unit's only slot is avoided, so
-        the unit stays mapped somewhere to copy from."""
+        unit of `prefix` maps the tokens before it too (whoever wrote it had them there); one
+        that would drop other shared units for it is passed over while a slot with none is
+        free. A tail whose only slot is free is taken as it is; a complete unit's only slot is
+        avoided, so the unit stays mapped somewhere to copy from."""
         home = None
         if partial is not None and len(partial.slots) == 1:
             home = self._slots[next(iter(partial.slots))]
@@ -261,11 +262,17 @@ class VirtualKVCache:
         free = [s for s in self._slots if not s.busy and s is not home]
         if not free:
             return (home, False) if home is not None and not home.busy else (None, False)
+        plain = [s for s in free if not s.shared]
+        h = len(prefix)
         for u in reversed(prefix):
             mapping = [s for s in free if s.index in u.slots]
             if mapping:
-                return max(mapping, key=lambda s: (len(s.groups), -s.index)), False
-        plain = [s for s in free if not s.shared]
+                # what it would drop: shared units past the prefix (still held elsewhere, or
+                # mapped nowhere, and no longer a source to copy a tail from)
+                best = min(mapping, key=lambda s: (sum(i >= h for i in s.shared), -len(s.groups), s.index))
+                if not plain or not any(i >= h for i in best.shared):
+                    return best, False
+                break
         return pick_slot(plain or free, want), False
 
     def _prepare_slot(self, s: Slot, prefix: list[SharedUnit], partial: SharedUnit | None,

@@ -136,7 +136,8 @@ class OpenAIServer:
             if body.echo:
                 echo = prompt_text or self._need_tokenizer().decode(prompt_ids)
             submissions.append((prompt_ids, params, echo))
-        gens = await self._submit("cmpl", [(ids, params) for ids, params, _ in submissions])
+        gens = await self._submit("cmpl", [(ids, params) for ids, params, _ in submissions],
+                                  body.cache_salt)
         first, n = gens[0], submissions[0][1].n
 
         def chunk(d: ChoiceDelta, p: int) -> CompletionResponse:
@@ -174,7 +175,7 @@ class OpenAIServer:
         self._check_model(body.model)
         prompt_ids = await self._chat_prompt(body.messages, add_generation_prompt=True)
         params = self._sampling_params(body, body.requested_max_tokens, len(prompt_ids), "messages")
-        [gen] = await self._submit("chatcmpl", [(prompt_ids, params)])
+        [gen] = await self._submit("chatcmpl", [(prompt_ids, params)], body.cache_salt)
 
         def chunk(d: ChoiceDelta) -> ChatCompletionChunk:
             logprobs = None if d.logprobs is None else chat_logprobs(d.logprobs, d.top_logprobs)
@@ -259,8 +260,8 @@ class OpenAIServer:
         self.limits.check_context(prompt_len, max_tokens, field)
         return params
 
-    async def _submit(self, kind: str, prompts: list[tuple[list[int], SamplingParams]]
-                      ) -> list[Generation]:
+    async def _submit(self, kind: str, prompts: list[tuple[list[int], SamplingParams]],
+                      cache_salt: str | None = None) -> list[Generation]:
         """Submit a request's prompts together (all admitted or none); one Generation each."""
         needed = sum(params.n for _, params in prompts)
         limit = self.async_engine.max_queued_requests
@@ -268,7 +269,8 @@ class OpenAIServer:
             raise APIError(400, f"this request needs {needed} sequences (n x prompts); this "
                                 f"server queues at most {limit} (--max-queued-requests)",
                            param="n")
-        submissions = [Submission(f"{kind}-{uuid.uuid4().hex}", ids, params) for ids, params in prompts]
+        submissions = [Submission(f"{kind}-{uuid.uuid4().hex}", ids, params, cache_salt)
+                       for ids, params in prompts]
         arrival = time.monotonic()
         try:
             streams = await self.async_engine.add_all(submissions)

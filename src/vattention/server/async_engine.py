@@ -119,6 +119,7 @@ class Submission:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    cache_salt: str | None = None  # only requests with the same salt share cached prefixes
 
 
 @dataclass
@@ -274,7 +275,7 @@ class AsyncEngine:
         added = []
         try:
             for s in command.submissions:
-                engine.add_request(s.prompt_token_ids, s.params, s.request_id)
+                engine.add_request(s.prompt_token_ids, s.params, s.request_id, cache_salt=s.cache_salt)
                 added.append(s.request_id)
         except Exception as e:
             for request_id in added:  # nothing half-admitted keeps running

@@ -106,6 +106,14 @@ class _EngineCollector:
         ratio = kv.bytes_used / kv.bytes_capacity if kv.bytes_capacity else 0.0
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_ratio", "KV bytes used over the budget",
                                 value=ratio)
+        # vLLM's vllm:prefix_cache_queries / vllm:prefix_cache_hits (tokens)
+        yield CounterMetricFamily(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the "
+                                  "prefix cache (sequences admitted from scratch)", value=stats.prefix_cache_queries)
+        yield CounterMetricFamily(PREFIX + "prefix_cache_hits", "Of those, tokens found cached",
+                                  value=stats.prefix_cache_hits)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_shared_bytes", "KV bytes the running requests "
+                                "share (a cached prefix several map), counted once in committed",
+                                value=kv.bytes_saved)
         for name, value in kv.counters.items():
             yield CounterMetricFamily(PREFIX + f"kv_{name}", f"KV cache counter {name}",
                                       value=value)

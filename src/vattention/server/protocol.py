@@ -78,6 +78,7 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; unused
+    cache_salt: str | None = Field(default=None, min_length=1)  # vLLM extension: only requests with the same salt share cached prefixes
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias in [-100, 100]
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, param_names: dict[str, str],
@@ -202,10 +203,15 @@ class DetokenizeRequest(_Strict):
 # ---- responses ------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogProbs(BaseModel):

@@ -27,7 +27,7 @@ from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from .async_engine import AsyncEngine, RequestFailedError, RequestStream
 from .metrics import ServerMetrics
-from .protocol import APIError, ErrorInfo, ErrorResponse, UsageInfo
+from .protocol import APIError, ErrorInfo, ErrorResponse, PromptTokensDetails, UsageInfo
 
 T = TypeVar("T")
 
@@ -76,6 +76,7 @@ class Generation:
         self.request_id = stream.request_id
         self.created = int(time.time())  # every chunk of a stream carries the same timestamp
         self.prompt_len = prompt_len
+        self.num_cached_tokens = 0  # of the prompt, found in the prefix cache
         self.num_tokens = [0] * params.n  # per choice: tokens generated so far (usage, metrics)
         self.finish_reasons: list[str | None] = [None] * params.n  # per choice, once it finished
         self._stream = stream
@@ -91,6 +92,7 @@ class Generation:
 
     async def __anext__(self) -> RequestOutput:
         out = await self._stream.__anext__()
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         for c in out.outputs:
             self.num_tokens[c.index] = c.num_tokens
             self.finish_reasons[c.index] = c.finish_reason
@@ -124,7 +126,9 @@ def usage_of(gens: list[Generation]) -> UsageInfo:
     """Tokens of one request, summed over a batched request's prompts."""
     prompt = sum(gen.prompt_len for gen in gens)
     completion = sum(sum(gen.num_tokens) for gen in gens)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = PromptTokensDetails(cached_tokens=sum(gen.num_cached_tokens for gen in gens))
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=cached)
 
 
 async def sse_events(gens: list[Generation], trackers: list[DeltaTracker],

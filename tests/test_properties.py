@@ -98,7 +98,8 @@ class CacheMachine(RuleBasedStateMachine):
         if partial is not None:
             c.retain(partial)  # as the engine does: nothing reclaims it before the copy
         try:
-            slot = c.alloc_slot(len(units) * self.unit + k, prefix=units, partial=partial)
+            take = data.draw(st.booleans())
+            slot = c.alloc_slot(len(units) * self.unit + k, prefix=units, partial=partial, take_partial=take)
             if slot is None:
                 assert len(self.lengths) == self.spec.max_seqs
                 return

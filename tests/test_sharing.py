@@ -110,8 +110,12 @@ def test_a_tail_is_copied_or_taken_in_place(layout):
         check_range(cache, b, 1, 0, ut + 5)
         cache.free(b)
         cache.free(a)
-        # a is free and the tail's only home: taken as it is, no copy
-        c = cache.alloc_slot(ut + 6, prefix=[full], partial=tail)
+        # a is free and the tail's only home: a request that extends all of it takes it as it
+        # is, no copy (one that does not gets another slot and copies)
+        d = cache.alloc_slot(ut + 6, prefix=[full], partial=tail)
+        assert d != a and not tail.dead
+        cache.free(d)
+        c = cache.alloc_slot(ut + 6, prefix=[full], partial=tail, take_partial=True)
         assert c == a and tail.dead
         cache.ensure(c, ut + 6)
         cache.copy_tokens(tail, c, 6)  # a no-op

@@ -131,3 +131,4 @@ class PrefixHit:
     payloads: list[Any]  # their payloads, in order
     tail: Any = None  # vattention: the unit the next `tail_tokens` tokens are copied from
     tail_tokens: int = 0
+    tail_whole: bool = False  # the request's tokens extend all of the tail's cached ones

@@ -69,7 +69,10 @@ class VAttentionKVManager:
             self.cache.retain(tail)  # evicting for this request's pages must not reclaim it
         slot = None
         try:
-            slot = self.cache.alloc_slot(num_tokens, prefix=hit.payloads if hit else (), partial=tail)
+            # a tail the request extends whole (the next turn of a chat) is taken in place;
+            # one it shares only a start with stays cached for others and is copied from
+            slot = self.cache.alloc_slot(num_tokens, prefix=hit.payloads if hit else (), partial=tail,
+                                         take_partial=hit.tail_whole if hit else False)
             if slot is None:
                 return None
             if not self._grow(slot, num_tokens):
@@ -129,7 +132,7 @@ class VAttentionKVManager:
         if start + k == 0:
             return None
         return PrefixHit(start + k, len(entries), [e.payload for e in entries],
-                         tail.payload if k else None, k)
+                         tail.payload if k else None, k, k == len(tail.tokens) if k else False)
 
     def cache_prefix(self, request_id: str, token_ids: list[int], keys: list[bytes], num_tokens: int,
                      final: bool = False, salt: str | None = None) -> None:

@@ -119,15 +119,17 @@ class VirtualKVCache:
     # ---- slots ------------------------------------------------------------------------------
 
     def alloc_slot(self, num_tokens: int | None = None, prefix: list[SharedUnit] | tuple = (),
-                   partial: SharedUnit | None = None) -> int | None:
+                   partial: SharedUnit | None = None, take_partial: bool = False) -> int | None:
         """A free slot, or None when every slot is busy. With `num_tokens`, the free slot whose
         still-mapped pages fit it best (deferred reclamation: its pages are reused as they are).
 
         `prefix`: complete units (from hold()) for unit positions 0..len-1, in order, each the
         unit of the one before's tokens: the slot comes out mapping them (read-only where they
         had to be aliased in), preferring a slot that maps them already. `partial`: a unit the
-        caller will copy_tokens() from next; if its only slot is free it is chosen and the pages
-        simply become the new owner's (the copy is then a no-op). Whatever else the slot maps
+        caller will copy_tokens() from next; its only slot is avoided (it stays a source for
+        others), except that with `take_partial` (the caller's tokens extend all of a tail's) a
+        tail whose only slot is free is taken as it is: its pages become the new owner's and the
+        copy is a no-op. Whatever else the slot maps
         from earlier owners' shared units is dropped, so the new owner may write anywhere past
         the prefix."""
         if num_tokens is not None:
@@ -143,7 +145,7 @@ class VirtualKVCache:
             want = self.layout.groups_for(num_tokens) if num_tokens is not None else None
             if partial is not None and not partial.slots:
                 raise ValueError("partial is mapped in no slot: there is nothing to copy from")
-            slot, steal = self._pick_for_prefix(prefix, partial, want)
+            slot, steal = self._pick_for_prefix(prefix, partial, want, take_partial)
             if slot is None:
                 return None
             while slot.inflight:  # the background mapper is reclaiming from it
@@ -248,16 +250,16 @@ class VirtualKVCache:
                 src.fence = self.driver.fence()  # reclaiming src must wait for this copy
 
     def _pick_for_prefix(self, prefix: list[SharedUnit], partial: SharedUnit | None,
-                         want: int | None) -> tuple[Slot | None, bool]:
+                         want: int | None, take_partial: bool) -> tuple[Slot | None, bool]:
         """(slot, whether `partial`'s pages become its own). A free slot that maps the deepest
         unit of `prefix` maps the tokens before it too (whoever wrote it had them there); one
         that would drop other shared units for it is passed over while a slot with none is
-        free. A tail whose only slot is free is taken as it is; a complete unit's only slot is
-        avoided, so the unit stays mapped somewhere to copy from."""
+        free. A tail whose only slot is free is taken as it is when allowed; else `partial`'s
+        only slot is avoided, so it stays mapped somewhere to copy from."""
         home = None
         if partial is not None and len(partial.slots) == 1:
             home = self._slots[next(iter(partial.slots))]
-            if not partial.complete and not home.busy:
+            if take_partial and not partial.complete and not home.busy:
                 return home, True
         free = [s for s in self._slots if not s.busy and s is not home]
         if not free:

@@ -252,7 +252,8 @@ class VirtualKVCache:
     def _pick_for_prefix(self, prefix: list[SharedUnit], partial: SharedUnit | None,
                          want: int | None, take_partial: bool) -> tuple[Slot | None, bool]:
         """(slot, whether `partial`'s pages become its own). A free slot that maps the deepest
-        unit of `prefix` maps the tokens before it too (whoever wrote it had them there); one
+        unit of `prefix` maps the tokens before it too (whoever wrote it had them there), one
+        mapping the first unit a shorter part of it (alloc finds how much and maps the rest); one
         that would drop other shared units for it is passed over while a slot with none is
         free. A tail whose only slot is free is taken as it is when allowed; else `partial`'s
         only slot is avoided, so it stays mapped somewhere to copy from."""
@@ -266,12 +267,14 @@ class VirtualKVCache:
             return (home, False) if home is not None and not home.busy else (None, False)
         plain = [s for s in free if not s.shared]
         h = len(prefix)
-        for u in reversed(prefix):
-            mapping = [s for s in free if s.index in u.slots]
+        # a free slot mapping the deepest unit, else one mapping the first (a few looked at:
+        # the check is per admission, and every slot may map a popular prefix)
+        for u in dict.fromkeys(prefix[-1:] + prefix[:1]):
+            mapping = [self._slots[i] for i in u.slots if not self._slots[i].busy and self._slots[i] is not home]
             if mapping:
                 # what it would drop: shared units past the prefix (still held elsewhere, or
                 # mapped nowhere, and no longer a source to copy a tail from)
-                best = min(mapping, key=lambda s: (sum(i >= h for i in s.shared), -len(s.groups), s.index))
+                best = min(mapping[:8], key=lambda s: (sum(i >= h for i in s.shared), -len(s.groups), s.index))
                 if not plain or not any(i >= h for i in best.shared):
                     return best, False
                 break

@@ -165,6 +165,29 @@ def test_a_tight_budget_evicts_cached_units_before_it_preempts_and_outputs_stay(
     _assert_all_returned(on)
 
 
+@pytest.mark.parametrize("design", DESIGNS[:1] + DESIGNS[2:], ids=["vattention", "paged"])
+def test_aborting_requests_on_a_shared_prefix_keeps_counts_exact(checkpoint, design):
+    path, _ = checkpoint
+    llm = make_llm(path, True, **design)
+    engine, unit = llm.engine, llm.engine.kv.cache_unit
+    shared = list(range(3, 3 + 3 * unit))
+    llm.generate([shared + [1]], GREEDY)
+    ids = [engine.add_request(shared + [i + 4], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+           for i in range(4)]
+    for _ in range(3):
+        engine.step()
+    assert engine.kv.usage().bytes_saved > 0  # running on the shared prefix
+    for rid in ids[:2]:
+        engine.abort(rid)
+    usage = engine.kv.usage()
+    assert usage.num_requests == 2 and usage.bytes_saved > 0
+    for rid in ids[2:]:
+        engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+    _assert_all_returned(llm)
+
+
 def _assert_all_returned(llm: LLM) -> None:
     """No request holds KV; once the cache lets go every page (block) is free again."""
     kv = llm.engine.kv

@@ -104,6 +104,28 @@ def test_tp2_preempts_exactly_like_tp1(tmp_path):
     assert [done[r] for r in requests] == want
 
 
+@pytest.mark.parametrize("options", [dict(page_size=4096), dict(kv_cache="paged", block_size=8)],
+                         ids=["vattention", "paged"])
+def test_tp2_ranks_replay_the_same_prefix_hits(tmp_path, options):
+    """Prompts sharing a start, run in two waves: the second finds the first's prefixes cached
+    on every rank (each rank redoes the lookup and must agree with rank 0's length, else the
+    engine fails), and the tokens equal TP=1's with caching off."""
+    make_checkpoint("llama", tmp_path)
+    stem = list(range(30, 90))
+    prompts = [stem + [5, 6], stem[:41] + [7], stem + list(range(100, 120)), stem[:20]]
+    want, _ = run(tmp_path, prompts, enable_prefix_caching=False, **options)
+    llm = make_llm(tmp_path, tensor_parallel_size=2, **options)
+    try:
+        first = llm.generate(prompts[:1], GREEDY)
+        rest = llm.generate(prompts[1:], GREEDY)
+        stats = llm.engine.stats()
+    finally:
+        llm.close()
+    assert [o.outputs[0].token_ids for o in first + rest] == want
+    assert all(o.num_cached_tokens > 0 for o in rest)
+    assert stats.prefix_cache_hits == sum(o.num_cached_tokens for o in rest)
+
+
 @pytest.mark.parametrize("family,overrides", [("qwen2", {}), ("llama", {"num_key_value_heads": 1,
                                                                          "vocab_size": 321})])
 def test_each_rank_loads_exactly_its_slices(tmp_path, family, overrides):

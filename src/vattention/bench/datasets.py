@@ -188,13 +188,18 @@ def write_sharegpt_subset(out: Path, max_bytes: int = 2_000_000, max_len: int = 
     """Write the first usable conversations (first human turn and first gpt turn after it only)
     as a ShareGPT-format JSON array of at most `max_bytes`, for machines without the package.
     Returns how many it holds."""
+    items = ((conv_id, [{"from": "human", "value": prompt}, {"from": "gpt", "value": completion}])
+             for conv_id, prompt, completion in iter_sharegpt_pairs(source)
+             if _usable(approx_tokens(prompt), approx_tokens(completion), max_len))
+    return _write_conversations(out, items, max_bytes)
+
+
+def _write_conversations(out: Path, conversations, max_bytes: int) -> int:
+    """The leading (id, turns) of `conversations` that fit `max_bytes`, as a ShareGPT-format JSON
+    array, one conversation a line; returns how many."""
     items, size = [], 2
-    for conv_id, prompt, completion in iter_sharegpt_pairs(source):
-        if not _usable(approx_tokens(prompt), approx_tokens(completion), max_len):
-            continue
-        item = json.dumps({"id": conv_id, "conversations": [{"from": "human", "value": prompt},
-                                                                 {"from": "gpt", "value": completion}]},
-                          ensure_ascii=False, separators=(",", ":"))
+    for conv_id, turns in conversations:
+        item = json.dumps({"id": conv_id, "conversations": turns}, ensure_ascii=False, separators=(",", ":"))
         size += len(item.encode()) + 2
         if size > max_bytes:
             break
@@ -246,7 +251,10 @@ def write_sharegpt_multiturn_subset(out: Path, max_bytes: int = 2_000_000, max_l
                                     max_turns: int = 4, source: str | Path | None = None) -> int:
     """Like write_sharegpt_subset, for multi-turn conversations: the first ones with 2+ turns
     within `max_len` tokens, each cut to what sharegpt_conversations keeps of it."""
-    items, size = [], 2
+    return _write_conversations(out, _kept_conversations(source, max_len, max_turns), max_bytes)
+
+
+def _kept_conversations(source, max_len: int, max_turns: int):
     for conv_id, pairs in iter_sharegpt_conversations(source, max_turns):
         kept, total = [], 0
         for human, gpt in pairs:
@@ -254,16 +262,8 @@ def write_sharegpt_multiturn_subset(out: Path, max_bytes: int = 2_000_000, max_l
             if total > max_len:
                 break
             kept += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
-        if len(kept) < 4:
-            continue
-        item = json.dumps({"id": conv_id, "conversations": kept}, ensure_ascii=False, separators=(",", ":"))
-        size += len(item.encode()) + 2
-        if size > max_bytes:
-            break
-        items.append(item)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("[\n" + ",\n".join(items) + "\n]\n", encoding="utf-8")
-    return len(items)
+        if len(kept) >= 4:
+            yield conv_id, kept
 
 
 if __name__ == "__main__":

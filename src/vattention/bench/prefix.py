@@ -73,55 +73,50 @@ def shared_prompts(ns: argparse.Namespace, vocab: int) -> list[list[int]]:
     return [prefix + [rng.randrange(vocab) for _ in range(ns.suffix_len)] for _ in range(ns.num_prompts)]
 
 
-def run_batch(engine, prompts: list[list[int]], output_lens: list[int]) -> dict:
-    """Everything submitted at once; run to the end."""
-    submitted, first, outputs = {}, {}, {}
+def drive(engine, submit_first, on_finished=None) -> dict:
+    """Submit what `submit_first(submit)` submits, step to the end (`on_finished(output, prompt,
+    submit)` may submit more); each request's TTFT from its submission, outputs in submit order."""
+    submitted, prompts, first, outputs = {}, {}, {}, {}
+
+    def submit(prompt: list[int], output_len: int, tag=None) -> None:
+        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
+        submitted[rid], prompts[rid] = time.monotonic(), (prompt, tag)
+
     start = time.perf_counter()
-    for prompt, n in zip(prompts, output_lens):
-        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-        submitted[rid] = time.monotonic()
-    order = list(submitted)
+    submit_first(submit)
     while engine.has_unfinished():
         for out in engine.step():
             if out.request_id not in first and out.first_token_time is not None:
                 first[out.request_id] = out.first_token_time
             if out.finished:
                 outputs[out.request_id] = out.outputs[0].token_ids
+                if on_finished is not None:
+                    on_finished(out, *prompts[out.request_id], submit)
     elapsed = time.perf_counter() - start
+    order = list(submitted)
     return {"elapsed_s": elapsed, "ttft": [first[r] - submitted[r] for r in order],
-            "outputs": [outputs[r] for r in order], "prompt_tokens": sum(map(len, prompts))}
+            "outputs": [outputs[r] for r in order], "prompt_tokens": sum(len(p) for p, _ in prompts.values())}
+
+
+def run_batch(engine, prompts: list[list[int]], output_lens: list[int]) -> dict:
+    """Everything submitted at once; run to the end."""
+    return drive(engine, lambda submit: [submit(p, n) for p, n in zip(prompts, output_lens)])
 
 
 def run_conversations(engine, conversations: list[list[tuple[list[int], int]]]) -> dict:
     """Each conversation's turns in order, the next submitted when one finishes (its prompt: the
     previous prompt, the model's answer, the next human turn), all conversations at once."""
-    submitted, first, outputs, prompt_tokens = {}, {}, {}, 0
-    state = {}  # request id -> (conversation, turn, prompt)
+    def turn(conv: int, index: int, history: list[int], submit) -> None:
+        human, output_len = conversations[conv][index]
+        submit(history + human, output_len, (conv, index))
 
-    def submit(conv: int, turn: int, history: list[int]) -> None:
-        nonlocal prompt_tokens
-        human, output_len = conversations[conv][turn]
-        prompt = history + human
-        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
-        submitted[rid], state[rid] = time.monotonic(), (conv, turn, prompt)
-        prompt_tokens += len(prompt)
+    def on_finished(out, prompt, tag, submit) -> None:
+        conv, index = tag
+        if index + 1 < len(conversations[conv]):
+            turn(conv, index + 1, prompt + out.outputs[0].token_ids, submit)
 
-    start = time.perf_counter()
-    for conv in range(len(conversations)):
-        submit(conv, 0, [])
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.request_id not in first and out.first_token_time is not None:
-                first[out.request_id] = out.first_token_time
-            if out.finished:
-                outputs[out.request_id] = out.outputs[0].token_ids
-                conv, turn, prompt = state[out.request_id]
-                if turn + 1 < len(conversations[conv]):
-                    submit(conv, turn + 1, prompt + out.outputs[0].token_ids)
-    elapsed = time.perf_counter() - start
-    order = list(submitted)
-    return {"elapsed_s": elapsed, "ttft": [first[r] - submitted[r] for r in order],
-            "outputs": [outputs[r] for r in order], "prompt_tokens": prompt_tokens}
+    return drive(engine, lambda submit: [turn(c, 0, [], submit) for c in range(len(conversations))],
+                 on_finished)
 
 
 def make_workload(name: str, ns: argparse.Namespace, vocab: int, max_tokens: int):

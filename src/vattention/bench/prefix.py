@@ -82,10 +82,14 @@ def drive(engine, submit_first, on_finished=None) -> dict:
         rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
         submitted[rid], prompts[rid] = time.monotonic(), (prompt, tag)
 
+    host_s, steps = 0.0, 0
     start = time.perf_counter()
     submit_first(submit)
     while engine.has_unfinished():
-        for out in engine.step():
+        outs = engine.step()
+        if engine.last_step is not None:
+            host_s, steps = host_s + engine.last_step.host_s, steps + 1
+        for out in outs:
             if out.request_id not in first and out.first_token_time is not None:
                 first[out.request_id] = out.first_token_time
             if out.finished:
@@ -95,7 +99,8 @@ def drive(engine, submit_first, on_finished=None) -> dict:
     elapsed = time.perf_counter() - start
     order = list(submitted)
     return {"elapsed_s": elapsed, "ttft": [first[r] - submitted[r] for r in order],
-            "outputs": [outputs[r] for r in order], "prompt_tokens": sum(len(p) for p, _ in prompts.values())}
+            "outputs": [outputs[r] for r in order], "prompt_tokens": sum(len(p) for p, _ in prompts.values()),
+            "num_steps": steps, "host_s": host_s}
 
 
 def run_batch(engine, prompts: list[list[int]], output_lens: list[int]) -> dict:
@@ -191,6 +196,8 @@ def run_one(ns: argparse.Namespace, design: dict, caching: bool, workloads: list
                 "hit_rate": hits / queries if queries else 0.0,
                 "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
                 "elapsed_s": res["elapsed_s"], "output_tokens_per_s": out_tokens / res["elapsed_s"],
+                "num_steps": res["num_steps"], "host_s": res["host_s"],
+                "host_ms_per_step": 1000 * res["host_s"] / max(1, res["num_steps"]),
                 "total_tokens_per_s": (res["prompt_tokens"] + out_tokens) / res["elapsed_s"],
                 "peak_kv_physical_gib": engine.peak_bytes_physical / GIB,
                 "peak_kv_used_gib": engine.peak_bytes_used / GIB,
@@ -232,6 +239,7 @@ def run(ns: argparse.Namespace) -> dict:
         base = off.get((r["workload"], r["design"]))
         if base is not None:
             r["same_outputs_as_off"] = sum(a == b for a, b in zip(r["outputs"], base["outputs"])) / len(r["outputs"])
+            r["same_first_token_as_off"] = sum(a[:1] == b[:1] for a, b in zip(r["outputs"], base["outputs"])) / len(r["outputs"])
             for key in ("output_tokens_per_s", "total_tokens_per_s"):
                 r[f"{key}_vs_off"] = r[key] / base[key]
             r["ttft_p50_off_over_on"] = base["ttft_p50_s"] / r["ttft_p50_s"] if r["ttft_p50_s"] else None
@@ -256,14 +264,16 @@ def run(ns: argparse.Namespace) -> dict:
 
 def print_results(res: dict) -> None:
     headers = ["design", "caching", "prompt tok computed", "vs off", "hit rate", "TTFT p50 s", "off/on",
-               "out tok/s", "vs off", "peak KV GiB (physical)", "vs off", "preempt", "same out"]
+               "out tok/s", "vs off", "peak KV GiB (physical)", "vs off", "host ms/step", "preempt",
+               "same out", "same 1st tok"]
     for workload in dict.fromkeys(r["workload"] for r in res["runs"]):
         rows = [r for r in res["runs"] if r["workload"] == workload]
         print_table(f"{res['device']}: {res['model']}, prefix caching, {rows[0]['what']}", headers, [
             [r["design"], "on" if r["caching"] else "off", r["prompt_tokens_computed"],
              r.get("prompt_computed_vs_off"), r["hit_rate"], r["ttft_p50_s"], r.get("ttft_p50_off_over_on"),
              r["output_tokens_per_s"], r.get("output_tokens_per_s_vs_off"), r["peak_kv_physical_gib"],
-             r.get("peak_kv_physical_vs_off"), r["preemptions"], r.get("same_outputs_as_off")]
+             r.get("peak_kv_physical_vs_off"), r["host_ms_per_step"], r["preemptions"],
+             r.get("same_outputs_as_off"), r.get("same_first_token_as_off")]
             for r in rows])
     for e in res["errors"]:
         print(f"FAILED {e}")

@@ -152,7 +152,7 @@ class VirtualKVCache:
                 self._lock.wait()
             self._totals.claim(slot)
             for u in slot.shared.values():
-                self._change(u, busy=+1)
+                self._share.busy(u, +1, self.layout.num_tensors)
             try:
                 self._prepare_slot(slot, prefix, partial, steal)
             except BaseException:
@@ -173,7 +173,7 @@ class VirtualKVCache:
         self._pending.pop(s.index, None)
         units = list(s.shared.values())
         for u in units:
-            self._change(u, busy=-1)
+            self._share.busy(u, -1, self.layout.num_tensors)
         for u in units:
             self._settle(u)
 
@@ -347,7 +347,9 @@ class VirtualKVCache:
         cut = self._totals.cut_groups(s, first_group)
         self._pool.give([h for g in cut if id(g) not in shared for h in g])
         for u in cut_units:
-            self._change(u, detach=s)
+            self._change(u, detach=s, bulk=True)
+        s.shared_end = max((v.end_group for v in s.shared.values()), default=0)
+        for u in cut_units:
             self._settle(u)
 
     def _settle(self, u: SharedUnit) -> None:
@@ -370,18 +372,19 @@ class VirtualKVCache:
         else:
             self._change(u, kill=True)
 
-    def _change(self, u: SharedUnit, busy: int = 0, attach: Slot | None = None,
-                detach: Slot | None = None, privatize: bool = False, kill: bool = False,
-                groups: list | None = None, complete: bool = False) -> None:
-        """The one place a unit's slots, busy maps, groups or life change; keeps the totals
-        stats() reports (pages mapped twice, held, shared, saved) in step."""
+    def _change(self, u: SharedUnit, attach: Slot | None = None, detach: Slot | None = None,
+                privatize: bool = False, kill: bool = False, groups: list | None = None,
+                complete: bool = False, bulk: bool = False) -> None:
+        """The one place (with _ShareTotals.busy, for a mapping slot's claim and free) a unit's
+        slots, busy maps, groups or life change; keeps the totals stats() reports (pages mapped
+        twice, held, shared, saved) in step. `bulk`: the caller recomputes the detached slot's
+        shared_end once after detaching many units."""
         if u in self._units:
             self._share.add(u, -1, self.layout.num_tensors)
         if groups is not None:
             u.groups, u.complete = groups, complete
             s = self._slots[next(iter(u.slots))]
             s.shared_end = max(s.shared_end, u.end_group)
-        u.num_busy_maps += busy
         if attach is not None:
             u.slots.add(attach.index)
             u.num_busy_maps += attach.busy
@@ -391,7 +394,8 @@ class VirtualKVCache:
             u.slots.discard(detach.index)
             u.num_busy_maps -= detach.busy
             del detach.shared[u.index]
-            detach.shared_end = max((v.end_group for v in detach.shared.values()), default=0)
+            if not bulk and u.end_group >= detach.shared_end:
+                detach.shared_end = max((v.end_group for v in detach.shared.values()), default=0)
             if privatize:
                 if u.index in detach.readonly:  # its new owner writes here
                     lay = self.layout
@@ -810,6 +814,13 @@ class _ShareTotals:
 
     def __init__(self):
         self.pages_dup = self.pages_held = self.pages_shared = self.pages_saved = 0
+
+    def busy(self, u: SharedUnit, delta: int, num_tensors: int) -> None:
+        """A slot mapping `u` was claimed (+1) or freed (-1)."""
+        b, pages = u.num_busy_maps, len(u.groups) * num_tensors
+        self.pages_shared += ((b + delta >= 2) - (b >= 2)) * pages
+        self.pages_saved += (max(0, b + delta - 1) - max(0, b - 1)) * pages
+        u.num_busy_maps = b + delta
 
     def add(self, u: SharedUnit, sign: int, num_tensors: int) -> None:
         pages = len(u.groups) * num_tensors

@@ -35,6 +35,7 @@ from ..config import ENGINE_CONFIGS
 from ..sampling_params import SamplingParams
 from .datasets import sharegpt_conversations, sharegpt_requests
 from .report import device_name, free_device_memory, print_table, write_json
+from .throughput import step_kind
 
 GIB = 1 << 30
 PER_RUN = ("kv_cache", "layout", "block_size", "enable_prefix_caching")  # set per run, not from the flags
@@ -82,13 +83,16 @@ def drive(engine, submit_first, on_finished=None) -> dict:
         rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
         submitted[rid], prompts[rid] = time.monotonic(), (prompt, tag)
 
-    host_s, steps = 0.0, 0
+    host_s, steps, decode_s = 0.0, 0, []
     start = time.perf_counter()
     submit_first(submit)
     while engine.has_unfinished():
+        t0 = time.perf_counter()
         outs = engine.step()
         if engine.last_step is not None:
             host_s, steps = host_s + engine.last_step.host_s, steps + 1
+            if step_kind(engine.last_step) == "decode":
+                decode_s.append(time.perf_counter() - t0)
         for out in outs:
             if out.request_id not in first and out.first_token_time is not None:
                 first[out.request_id] = out.first_token_time
@@ -100,7 +104,8 @@ def drive(engine, submit_first, on_finished=None) -> dict:
     order = list(submitted)
     return {"elapsed_s": elapsed, "ttft": [first[r] - submitted[r] for r in order],
             "outputs": [outputs[r] for r in order], "prompt_tokens": sum(len(p) for p, _ in prompts.values()),
-            "num_steps": steps, "host_s": host_s}
+            "num_steps": steps, "host_s": host_s,
+            "mean_decode_step_ms": 1000 * sum(decode_s) / len(decode_s) if decode_s else None}
 
 
 def run_batch(engine, prompts: list[list[int]], output_lens: list[int]) -> dict:
@@ -197,6 +202,7 @@ def run_one(ns: argparse.Namespace, design: dict, caching: bool, workloads: list
                 "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
                 "elapsed_s": res["elapsed_s"], "output_tokens_per_s": out_tokens / res["elapsed_s"],
                 "num_steps": res["num_steps"], "host_s": res["host_s"],
+                "mean_decode_step_ms": res["mean_decode_step_ms"],
                 "host_ms_per_step": 1000 * res["host_s"] / max(1, res["num_steps"]),
                 "total_tokens_per_s": (res["prompt_tokens"] + out_tokens) / res["elapsed_s"],
                 "peak_kv_physical_gib": engine.peak_bytes_physical / GIB,
@@ -264,7 +270,7 @@ def run(ns: argparse.Namespace) -> dict:
 
 def print_results(res: dict) -> None:
     headers = ["design", "caching", "prompt tok computed", "vs off", "hit rate", "TTFT p50 s", "off/on",
-               "out tok/s", "vs off", "peak KV GiB (physical)", "vs off", "host ms/step", "preempt",
+               "out tok/s", "vs off", "peak KV GiB (physical)", "vs off", "host ms/step", "decode step ms", "preempt",
                "same out", "same 1st tok"]
     for workload in dict.fromkeys(r["workload"] for r in res["runs"]):
         rows = [r for r in res["runs"] if r["workload"] == workload]
@@ -272,7 +278,7 @@ def print_results(res: dict) -> None:
             [r["design"], "on" if r["caching"] else "off", r["prompt_tokens_computed"],
              r.get("prompt_computed_vs_off"), r["hit_rate"], r["ttft_p50_s"], r.get("ttft_p50_off_over_on"),
              r["output_tokens_per_s"], r.get("output_tokens_per_s_vs_off"), r["peak_kv_physical_gib"],
-             r.get("peak_kv_physical_vs_off"), r["host_ms_per_step"], r["preemptions"],
+             r.get("peak_kv_physical_vs_off"), r["host_ms_per_step"], r["mean_decode_step_ms"], r["preemptions"],
              r.get("same_outputs_as_off"), r.get("same_first_token_as_off")]
             for r in rows])
     for e in res["errors"]:

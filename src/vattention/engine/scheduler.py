@@ -125,13 +125,17 @@ class Scheduler:
         if not unit or req.num_computed_tokens:
             return None
         try:
-            tokens = req.all_token_ids
-            extend_keys(req.prefix_keys, tokens, unit, req.cache_salt)
-            return self.kv.match_prefix(tokens, req.prefix_keys, req.cache_salt)
+            return self.kv.match_prefix(self._keyed_tokens(req), req.prefix_keys, req.cache_salt)
         except Exception as e:  # noqa: BLE001 - this request's alone
             self.fail(req, f"prefix cache lookup failed: {type(e).__name__}: {e}")
             out.failed.append(req)
             return None
+
+    def _keyed_tokens(self, req: Request) -> list[int]:
+        """The request's tokens, its prefix_keys brought up to them."""
+        tokens = req.all_token_ids
+        extend_keys(req.prefix_keys, tokens, self.kv.cache_unit, req.cache_salt)
+        return tokens
 
     def _publish(self, req: Request, out: SchedulerOutput | None = None, final: bool = False) -> None:
         """Offer the request's computed (or issued) tokens to the prefix cache: its full units
@@ -143,9 +147,8 @@ class Scheduler:
         if n // unit <= req.num_units_published and not (final and n % unit):
             return
         try:
-            tokens = req.all_token_ids
-            extend_keys(req.prefix_keys, tokens, unit, req.cache_salt)
-            self.kv.cache_prefix(req.request_id, tokens, req.prefix_keys, n, final, req.cache_salt)
+            self.kv.cache_prefix(req.request_id, self._keyed_tokens(req), req.prefix_keys, n, final,
+                                 req.cache_salt)
             req.num_units_published = n // unit
         except Exception as e:  # noqa: BLE001 - caching is an optimization; the request goes on
             req.num_units_published = n // unit  # not offered again

@@ -106,12 +106,13 @@ class PrefixIndex:
     def evict(self, count: int, evictable: Callable[[Entry], bool]) -> list[Entry]:
         """Remove up to `count` evictable entries, least recently used first; returns them."""
         out: list[Entry] = []
-        for e in list(self._entries.values()):
+        for e in self._entries.values():
             if len(out) == count:
                 break
             if evictable(e):
-                self.remove(e)
                 out.append(e)
+        for e in out:
+            self.remove(e)
         return out
 
     def clear(self) -> list[Entry]:

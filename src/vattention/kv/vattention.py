@@ -145,24 +145,22 @@ class VAttentionKVManager:
         unit = self.cache_unit
         full = min(num_tokens // unit, len(keys))
         for i in range(self._published[request_id], full):
-            e = self._index.get(keys[i])
-            if e is not None and e.payload.dead:
-                self._drop(e)
-                e = None
-            if e is None:
-                parent = keys[i - 1] if i else root_key(salt)
-                self._index.add(keys[i], parent, token_ids[i * unit:(i + 1) * unit], self.cache.hold(slot, i))
+            parent = keys[i - 1] if i else root_key(salt)
+            self._file(keys[i], parent, token_ids[i * unit:(i + 1) * unit], slot, i, tail=False)
         self._published[request_id] = max(self._published[request_id], full)
         if final and num_tokens > full * unit and full == num_tokens // unit:
             parent = keys[full - 1] if full else root_key(salt)
             tokens = token_ids[full * unit:num_tokens]
-            key = unit_key(parent, tokens)
-            e = self._index.get(key)
-            if e is not None and e.payload.dead:
-                self._drop(e)
-                e = None
-            if e is None:
-                self._index.add(key, parent, tokens, self.cache.hold(slot, full, tail=True))
+            self._file(unit_key(parent, tokens), parent, tokens, slot, full, tail=True)
+
+    def _file(self, key: bytes, parent: bytes, tokens: list[int], slot: int, unit: int, tail: bool) -> None:
+        """Hold unit `unit` of `slot` under `key`, unless a live entry has it already."""
+        e = self._index.get(key)
+        if e is not None and e.payload.dead:
+            self._drop(e)
+            e = None
+        if e is None:
+            self._index.add(key, parent, tokens, self.cache.hold(slot, unit, tail=tail))
 
     def _drop(self, entry) -> None:
         self._index.remove(entry)

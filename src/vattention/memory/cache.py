@@ -139,12 +139,12 @@ class VirtualKVCache:
             self._check_open()
             for i, u in enumerate(prefix):
                 if u.dead or not u.complete or u.index != i:
-                    raise ValueError(f"prefix unit {i} is {'dead' if u.dead else 'not a complete unit at position ' + str(i)}")
+                    raise ValueError(f"prefix unit {i} is not a live complete unit at position {i}")
             if partial is not None and (partial.dead or partial.index != len(prefix)):
                 raise ValueError("partial must be a live unit right after the prefix")
-            want = self.layout.groups_for(num_tokens) if num_tokens is not None else None
             if partial is not None and not partial.slots:
                 raise ValueError("partial is mapped in no slot: there is nothing to copy from")
+            want = self.layout.groups_for(num_tokens) if num_tokens is not None else None
             slot, steal = self._pick_for_prefix(prefix, partial, want, take_partial)
             if slot is None:
                 return None
@@ -364,8 +364,6 @@ class VirtualKVCache:
                     break
                 if not s.busy and not s.inflight:
                     self._truncate(s, u.first_group)  # settles u again with one slot fewer
-            return
-        if u.dead:
             return
         if u.slots:
             self._change(u, detach=self._slots[next(iter(u.slots))], privatize=True)

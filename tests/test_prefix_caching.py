@@ -165,6 +165,31 @@ def test_a_tight_budget_evicts_cached_units_before_it_preempts_and_outputs_stay(
     _assert_all_returned(on)
 
 
+@pytest.mark.parametrize("design", DESIGNS[:2], ids=["cross_layer", "per_layer"])
+def test_with_nothing_shared_slots_are_reused_as_they_are(checkpoint, design):
+    """Once every slot holds cached units, a request that hits nothing takes over the coldest
+    slot's units in place (evicting them) rather than mapping fresh pages: caching on maps
+    no more pages from then on, like caching off, and outputs stay caching off's."""
+    path, _ = checkpoint
+    on, off = (make_llm(path, caching, **design, max_num_seqs=3) for caching in (True, False))
+    rng = random.Random(3)
+    unit = on.engine.kv.cache_unit
+    prompts = [[rng.randrange(3, 320) for _ in range(2 * unit + 1)] for _ in range(10)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    slots = on.engine.kv.cache.spec.max_seqs
+    mapped = None
+    for i, prompt in enumerate(prompts):
+        if i == slots:
+            mapped = on.engine.kv.usage().counters["pages_mapped_critical"]
+        got, = on.generate([prompt], params)
+        want, = off.generate([prompt], params)
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids and got.num_cached_tokens == 0
+    counters = on.engine.kv.usage().counters
+    assert counters["pages_mapped_critical"] == mapped, "caching on mapped fresh pages for a reused slot"
+    assert counters["prefix_reclaimed"] >= (len(prompts) - slots) * 2
+    _assert_all_returned(on)
+
+
 @pytest.mark.parametrize("design", DESIGNS[:1] + DESIGNS[2:], ids=["vattention", "paged"])
 def test_aborting_requests_on_a_shared_prefix_keeps_counts_exact(checkpoint, design):
     path, _ = checkpoint
@@ -193,6 +218,10 @@ def _assert_all_returned(llm: LLM) -> None:
     kv = llm.engine.kv
     usage = kv.usage()
     assert usage.num_requests == 0 and usage.bytes_used == 0 and usage.bytes_saved == 0
+    if hasattr(kv, "cache"):  # units a new owner took over (reclaimed) left the index at once
+        entries = list(kv._index._entries.values())
+        assert not any(e.payload.dead for e in entries)
+        assert sum(map(len, kv._entries_of.values())) == len(entries)
     kv.reset_prefix_cache()
     if hasattr(kv, "cache"):
         kv.cache.trim()

@@ -1,8 +1,9 @@
 """Property-based tests: random sequences of alloc/ensure/free/prepare/wait/trim, and of sharing
-(hold a slot's prefix, allocate a slot on a held prefix with its tail copied, release), keep
-every invariant (no page mapped twice except a shared unit's, at its own offset; accounting
-balances; running totals equal a recount; budget never exceeded; every slot reads the data it
-was given, its own or its prefix's; everything returned after the cache lets go and closes)."""
+(hold a slot's prefix, allocate a slot on a held prefix with its tail copied, with or without
+reclaiming the units past it, release), keep every invariant (no page mapped twice except a
+shared unit's, at its own offset; accounting balances; running totals equal a recount; budget
+never exceeded; every slot reads the data it was given, its own or its prefix's; everything
+returned after the cache lets go and closes)."""
 
 from __future__ import annotations
 
@@ -38,14 +39,30 @@ class CacheMachine(RuleBasedStateMachine):
         self.next_tag = 1
         self.unit = self.cache.layout.unit_tokens
 
-    @rule(hint=st.one_of(st.none(), st.integers(0, 1500)))
-    def alloc(self, hint):
-        slot = self.cache.alloc_slot(hint)
+    @rule(hint=st.one_of(st.none(), st.integers(0, 1500)), reclaim=st.booleans())
+    def alloc(self, hint, reclaim):
+        slot = self.cache.alloc_slot(hint, reclaim=reclaim)
+        self._forget_dead()
         if slot is None:
             assert len(self.lengths) == self.spec.max_seqs
             return
         assert slot not in self.lengths
         self._start(slot, 0, [])
+
+    def _forget_dead(self):
+        """As a prefix cache does: held units a new owner took over are let go of, and the
+        prefixes through them end before them."""
+        dead = self.cache.take_dead()
+        assert all(u.dead and not u.slots for u in dead)
+        for p in self.prefixes:
+            cut = next((i for i, u in enumerate(p["units"]) if u.dead), None)
+            if cut is None:
+                continue
+            for u in p["units"][cut:] + ([p["partial"]] if p["partial"] is not None else []):
+                self.cache.release(u)
+            p["units"], p["partial"], p["k"] = p["units"][:cut], None, 0
+            end = cut * self.unit
+            p["content"] = [(a, min(b, end), t) for a, b, t in p["content"] if a < end]
 
     def _start(self, slot, length, content):
         self.lengths[slot], self.tags[slot], self.content[slot] = length, self.next_tag, content
@@ -98,8 +115,10 @@ class CacheMachine(RuleBasedStateMachine):
         if partial is not None:
             c.retain(partial)  # as the engine does: nothing reclaims it before the copy
         try:
-            take = data.draw(st.booleans())
-            slot = c.alloc_slot(len(units) * self.unit + k, prefix=units, partial=partial, take_partial=take)
+            take, reclaim = data.draw(st.booleans()), data.draw(st.booleans())
+            slot = c.alloc_slot(len(units) * self.unit + k, prefix=units, partial=partial,
+                                take_partial=take, reclaim=reclaim)
+            self._forget_dead()  # units past this prefix only: its own stay live
             if slot is None:
                 assert len(self.lengths) == self.spec.max_seqs
                 return

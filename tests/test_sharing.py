@@ -96,6 +96,99 @@ def test_a_free_slot_that_maps_the_prefix_is_reused_without_mapping(layout):
         assert_balanced(cache)
 
 
+def test_reclaim_takes_over_the_units_past_the_prefix_in_place(layout):
+    """A prefix cache's slot choice: the free slot mapping the prefix is taken even though it
+    holds a unit of its own past it, which dies in place (no driver call, take_dead()
+    says so once); without reclaim a plain slot is taken and the prefix aliased into it."""
+    with share_cache(layout) as cache:
+        ut = cache.layout.unit_tokens
+        a = cache.alloc_slot()
+        cache.ensure(a, 3 * ut)
+        fill(cache, a, 1, 0, 3 * ut)
+        u0, u1, u2 = (cache.hold(a, i) for i in range(3))
+        cache.free(a)
+        mapped = cache.stats().counters.pages_mapped_critical
+        b = cache.alloc_slot(2 * ut + 1, prefix=[u0, u1])
+        assert b != a and not u2.dead, "without reclaim a's own unit stays mapped where it is"
+        assert cache.stats().counters.pages_mapped_critical > mapped  # the prefix aliased in
+        mapped = cache.stats().counters.pages_mapped_critical
+        c = cache.alloc_slot(3 * ut, prefix=[u0, u1], reclaim=True)
+        assert c == a and u2.dead and not (u0.dead or u1.dead)
+        assert cache.take_dead() == [u2] and cache.take_dead() == []
+        assert cache.ensure(c, 3 * ut)
+        assert cache.stats().counters.pages_mapped_critical == mapped, "reclaiming mapped pages"
+        check_range(cache, c, 1, 0, 3 * ut)  # the prefix, and u2's old tokens in its own page
+        fill(cache, c, 2, 2 * ut, 3 * ut)  # writable: its own now
+        check_range(cache, b, 1, 0, 2 * ut)  # b still reads the prefix
+        cache.free(b)
+        cache.free(c)
+        cache.release(u2)  # the holder lets go of a dead unit: nothing to give back
+        for u in (u0, u1):
+            cache.release(u)
+        assert_balanced(cache)
+
+
+def test_reclaim_leaves_a_unit_another_slot_maps(layout):
+    with share_cache(layout) as cache:
+        ut = cache.layout.unit_tokens
+        a = cache.alloc_slot()
+        cache.ensure(a, 3 * ut)
+        fill(cache, a, 1, 0, 3 * ut)
+        units = [cache.hold(a, i) for i in range(3)]
+        b = cache.alloc_slot(3 * ut, prefix=units)  # maps all three, busy
+        cache.free(a)
+        c = cache.alloc_slot(2 * ut + 1, prefix=units[:2], reclaim=True)
+        assert c == a and not units[2].dead and cache.take_dead() == []
+        with cache._lock:
+            assert units[2].slots == {b}  # dropped from a, still b's
+        assert cache.ensure(c, 3 * ut)
+        fill(cache, c, 2, 2 * ut, 3 * ut)  # fresh pages of its own
+        check_range(cache, b, 1, 0, 3 * ut)
+        for s in (b, c):
+            cache.free(s)
+        for u in units:
+            cache.release(u)
+        assert_balanced(cache)
+
+
+def test_with_no_prefix_reclaim_reuses_the_coldest_slot_whose_pages_fit(layout):
+    """Every slot holds cached units: a request on no prefix takes the one freed longest ago
+    as it is (its units die), mapping nothing, where without reclaim fresh pages are mapped."""
+    for reclaim in (True, False):
+        with share_cache(layout) as cache:
+            ut = cache.layout.unit_tokens
+            n = cache.spec.max_seqs
+            slots = [cache.alloc_slot() for _ in range(n)]
+            held = {}
+            for s in slots:
+                cache.ensure(s, 2 * ut)
+                held[s] = [cache.hold(s, 0), cache.hold(s, 1)]
+            order = [slots[2], slots[0]] + [s for s in slots if s not in (slots[0], slots[2])]
+            for s in order:
+                cache.free(s)
+            mapped = cache.stats().counters.pages_mapped_critical
+            c = cache.alloc_slot(2 * ut, reclaim=reclaim)
+            assert cache.ensure(c, 2 * ut)
+            if reclaim:
+                assert c == order[0] and all(u.dead for u in held[c])
+                assert cache.take_dead() == held[c]
+                assert cache.stats().counters.pages_mapped_critical == mapped
+                d = cache.alloc_slot(2 * ut, reclaim=True)
+                assert d == order[1], "the next coldest"
+                cache.free(d)
+            else:
+                assert not any(u.dead for us in held.values() for u in us)
+                assert cache.stats().counters.pages_mapped_critical > mapped
+            assert not any(u.dead for s, us in held.items() if s not in order[:2] for u in us)
+            fill(cache, c, 3, 0, 2 * ut)
+            cache.free(c)
+            for us in held.values():
+                for u in us:
+                    cache.release(u)
+            cache.take_dead()
+            assert_balanced(cache)
+
+
 def test_a_tail_is_copied_or_taken_in_place(layout):
     with share_cache(layout) as cache:
         ut = cache.layout.unit_tokens
@@ -116,7 +209,7 @@ def test_a_tail_is_copied_or_taken_in_place(layout):
         assert d != a and not tail.dead
         cache.free(d)
         c = cache.alloc_slot(ut + 6, prefix=[full], partial=tail, take_partial=True)
-        assert c == a and tail.dead
+        assert c == a and tail.dead and cache.take_dead() == [tail]
         cache.ensure(c, ut + 6)
         cache.copy_tokens(tail, c, 6)  # a no-op
         fill(cache, c, 2, ut + 6, ut + 8)  # writes into the former tail

@@ -40,8 +40,11 @@ class VAttentionKVManager:
         self._slots: dict[str, int] = {}  # request id -> slot
         self.cache_unit = lay.unit_tokens if enable_prefix_caching else 0  # tokens per cached unit
         self._index = PrefixIndex()  # payloads: SharedUnit, one hold each
+        self._entries_of: dict[int, list] = {}  # id(payload) -> its index entries (a tail that
+        # grew whole is filed twice)
         self._published: dict[str, int] = {}  # request id -> its leading units the index has
         self.num_evictions = 0  # cached units evicted for memory
+        self.num_reclaimed = 0  # cached units a new request took over with their slot
         self._tokens = TokenCounts()  # the padding slot's token is no request's
         self._padding_slot: int | None = None  # holds one token that padded graph batches overwrite
         self._caches = []
@@ -72,7 +75,12 @@ class VAttentionKVManager:
             # a tail the request extends whole (the next turn of a chat) is taken in place;
             # one it shares only a start with stays cached for others and is copied from
             slot = self.cache.alloc_slot(num_tokens, prefix=hit.payloads if hit else (), partial=tail,
-                                         take_partial=hit.tail_whole if hit else False)
+                                         take_partial=hit.tail_whole if hit else False,
+                                         reclaim=bool(self.cache_unit))
+            for u in self.cache.take_dead():  # cached units the slot's new owner took over
+                self.num_reclaimed += u is not tail  # (a tail taken whole is its next turn)
+                for e in list(self._entries_of.get(id(u), ())):
+                    self._drop(e)
             if slot is None:
                 return None
             if not self._grow(slot, num_tokens):
@@ -98,6 +106,7 @@ class VAttentionKVManager:
             if not evicted:
                 return False
             for e in evicted:
+                self._forget(e)
                 self.cache.release(e.payload)
             self.num_evictions += len(evicted)
             count *= 2
@@ -160,16 +169,25 @@ class VAttentionKVManager:
             self._drop(e)
             e = None
         if e is None:
-            self._index.add(key, parent, tokens, self.cache.hold(slot, unit, tail=tail))
+            e = self._index.add(key, parent, tokens, self.cache.hold(slot, unit, tail=tail))
+            self._entries_of.setdefault(id(e.payload), []).append(e)
 
     def _drop(self, entry) -> None:
         self._index.remove(entry)
+        self._forget(entry)
         self.cache.release(entry.payload)
+
+    def _forget(self, entry) -> None:
+        entries = self._entries_of[id(entry.payload)]
+        entries.remove(entry)
+        if not entries:
+            del self._entries_of[id(entry.payload)]
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached unit (those running requests map stay theirs)."""
         for e in self._index.clear():
             self.cache.release(e.payload)
+        self._entries_of.clear()
 
     def build_metadata(self, request_ids, query_lens, seq_lens, device, staging=None) -> AttentionMetadata:
         stride = self.cache.slot_stride_tokens
@@ -194,7 +212,7 @@ class VAttentionKVManager:
 
     def usage(self) -> KVUsage:
         st = self.cache.stats()
-        counters = dict(vars(st.counters), prefix_evictions=self.num_evictions)
+        counters = dict(vars(st.counters), prefix_evictions=self.num_evictions, prefix_reclaimed=self.num_reclaimed)
         return KVUsage(self._tokens.total * self.cache.spec.bytes_per_token,
                        st.bytes_mapped + st.pages_held * st.page_size, st.pages_total * st.page_size,
                        len(self._slots), st.page_size, st.pages_total, st.pages_mapped + st.pages_held,

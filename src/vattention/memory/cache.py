@@ -104,6 +104,7 @@ class VirtualKVCache:
         self._lost: list[tuple[int, Any]] = []  # (addr, handle) a failed unmap left mapped; retried at close
         # (handle None: a shared unit's page, which the unit gives back)
         self._units: set[SharedUnit] = set()  # live shared units
+        self._dead: list[SharedUnit] = []  # held units that died, for take_dead()
         self._staged: dict[int, tuple[SharedUnit, torch.Tensor]] = {}  # slot -> a unit's tokens
         # copied aside by alloc_slot (the slot was the unit's only mapping), for copy_tokens
         self._share = _ShareTotals()  # their contribution to stats(), kept as they change
@@ -119,7 +120,8 @@ class VirtualKVCache:
     # ---- slots ------------------------------------------------------------------------------
 
     def alloc_slot(self, num_tokens: int | None = None, prefix: list[SharedUnit] | tuple = (),
-                   partial: SharedUnit | None = None, take_partial: bool = False) -> int | None:
+                   partial: SharedUnit | None = None, take_partial: bool = False,
+                   reclaim: bool = False) -> int | None:
         """A free slot, or None when every slot is busy. With `num_tokens`, the free slot whose
         still-mapped pages fit it best (deferred reclamation: its pages are reused as they are).
 
@@ -131,7 +133,17 @@ class VirtualKVCache:
         tail whose only slot is free is taken as it is: its pages become the new owner's and the
         copy is a no-op. Whatever else the slot maps
         from earlier owners' shared units is dropped, so the new owner may write anywhere past
-        the prefix."""
+        the prefix.
+
+        `reclaim` (a prefix cache's choice): shared units past the prefix that only the chosen
+        slot maps are taken over in place, as if their holders had let go: their pages become
+        the new owner's with no driver call, and the units die (`dead`; take_dead() lists
+        them once, for the holders to forget). Without it they are unmapped here and stay held,
+        mapped nowhere, and the new owner maps fresh pages in their place. It also changes the
+        choice: a free slot mapping the prefix is taken when it drops no more units past the
+        prefix than a fresh slot would have to alias (the drop costs no driver call); with no
+        prefix and no free slot that maps no shared unit, the one freed longest ago
+        (its units the coldest) among those whose pages fit."""
         if num_tokens is not None:
             num_tokens = self._check_length(num_tokens)
         prefix = list(prefix)
@@ -145,7 +157,7 @@ class VirtualKVCache:
             if partial is not None and not partial.slots:
                 raise ValueError("partial is mapped in no slot: there is nothing to copy from")
             want = self.layout.groups_for(num_tokens) if num_tokens is not None else None
-            slot, steal = self._pick_for_prefix(prefix, partial, want, take_partial)
+            slot, steal = self._pick_for_prefix(prefix, partial, want, take_partial, reclaim)
             if slot is None:
                 return None
             while slot.inflight:  # the background mapper is reclaiming from it
@@ -154,7 +166,7 @@ class VirtualKVCache:
             for u in slot.shared.values():
                 self._share.busy(u, +1, self.layout.num_tensors)
             try:
-                self._prepare_slot(slot, prefix, partial, steal)
+                self._prepare_slot(slot, prefix, partial, steal, reclaim)
             except BaseException:
                 self._release_slot(slot, self.driver.fence())
                 raise
@@ -249,14 +261,23 @@ class VirtualKVCache:
             if not src.busy:
                 src.fence = self.driver.fence()  # reclaiming src must wait for this copy
 
+    def take_dead(self) -> list[SharedUnit]:
+        """Held units that died since the last call, each once: taken over by a slot's new
+        owner (alloc_slot with `reclaim`, a tail with `take_partial`), or a tail its slot let go
+        of. Their holders may release() them or just drop them."""
+        with self._lock:
+            units, self._dead = self._dead, []
+            return units
+
     def _pick_for_prefix(self, prefix: list[SharedUnit], partial: SharedUnit | None,
-                         want: int | None, take_partial: bool) -> tuple[Slot | None, bool]:
+                         want: int | None, take_partial: bool, reclaim: bool) -> tuple[Slot | None, bool]:
         """(slot, whether `partial`'s pages become its own). A free slot that maps the deepest
         unit of `prefix` maps the tokens before it too (whoever wrote it had them there), one
         mapping the first unit a shorter part of it (alloc finds how much and maps the rest); one
         that would drop other shared units for it is passed over while a slot with none is
-        free. A tail whose only slot is free is taken as it is when allowed; else `partial`'s
-        only slot is avoided, so it stays mapped somewhere to copy from."""
+        free (with `reclaim`, see alloc_slot). A tail whose only slot is free is taken as
+        it is when allowed; else `partial`'s only slot is avoided, so it stays mapped somewhere
+        to copy from."""
         home = None
         if partial is not None and len(partial.slots) == 1:
             home = self._slots[next(iter(partial.slots))]
@@ -267,23 +288,35 @@ class VirtualKVCache:
             return (home, False) if home is not None and not home.busy else (None, False)
         plain = [s for s in free if not s.shared]
         h = len(prefix)
+
+        def dropped(s: Slot) -> int:
+            """Shared units past the prefix that `s` would drop: still held, mapped nowhere or
+            elsewhere, no longer a source to copy a tail from; with reclaim, those only `s`
+            maps die instead (cached no more)."""
+            return sum(i >= h for i in s.shared)
+
         # a free slot mapping the deepest unit, else one mapping the first (a few looked at:
-        # the check is per admission, and every slot may map a popular prefix)
+        # the check is per admission, and every slot may map a popular prefix); one that would
+        # drop units for it is passed over while a plain slot is free, unless reclaiming (its
+        # pages reused as they are), it drops no more than a plain slot would alias
         for u in dict.fromkeys(prefix[-1:] + prefix[:1]):
             mapping = [self._slots[i] for i in u.slots if not self._slots[i].busy and self._slots[i] is not home]
             if mapping:
-                # what it would drop: shared units past the prefix (still held elsewhere, or
-                # mapped nowhere, and no longer a source to copy a tail from)
-                best = min(mapping[:8], key=lambda s: (sum(i >= h for i in s.shared), -len(s.groups), s.index))
-                if not plain or not any(i >= h for i in best.shared):
+                best = min(mapping[:8], key=lambda s: (dropped(s), -len(s.groups), s.index))
+                if not plain or dropped(best) == 0 or (reclaim and dropped(best) <= h):
                     return best, False
                 break
+        if reclaim and not prefix and not plain:  # the coldest slot whose pages fit, as they are
+            fits = [s for s in free if want is not None and len(s.groups) >= want]
+            if fits:
+                return min(fits, key=lambda s: (s.freed_at, s.index)), False
         return pick_slot(plain or free, want), False
 
     def _prepare_slot(self, s: Slot, prefix: list[SharedUnit], partial: SharedUnit | None,
-                      steal: bool) -> None:
+                      steal: bool, reclaim: bool) -> None:
         """Make a just-claimed slot map `prefix` and no other shared unit past it; a stolen
-        `partial` (its tail right after the prefix) becomes private to it. A complete `partial`
+        `partial` (its tail right after the prefix) becomes private to it, and with `reclaim`
+        so does every unit past the prefix that only this slot maps. A complete `partial`
         mapped only here is copied aside first, for copy_tokens()."""
         lay = self.layout
         h = len(prefix)
@@ -299,6 +332,9 @@ class VirtualKVCache:
             self._map_units(s, prefix[matched:])
         if steal:
             self._change(partial, detach=s, privatize=True)
+        if reclaim:
+            for u in [u for i, u in s.shared.items() if i >= h and u.slots == {s.index} and u is not partial]:
+                self._change(u, detach=s, privatize=True)
         later = [u.first_group for i, u in s.shared.items() if i >= h]
         if later:
             self._truncate(s, min(later))
@@ -377,6 +413,7 @@ class VirtualKVCache:
         slots, busy maps, groups or life change; keeps the totals stats() reports (pages mapped
         twice, held, shared, saved) in step. `bulk`: the caller recomputes the detached slot's
         shared_end once after detaching many units."""
+        was_dead = u.dead
         if u in self._units:
             self._share.add(u, -1, self.layout.num_tensors)
         if groups is not None:
@@ -409,6 +446,8 @@ class VirtualKVCache:
             u.dead = True
         if u.dead:
             self._units.discard(u)
+            if u.holds and not was_dead:
+                self._dead.append(u)
         else:
             self._units.add(u)
             self._share.add(u, +1, self.layout.num_tensors)

@@ -30,6 +30,7 @@ class Slot:
     shared: dict[int, SharedUnit] = field(default_factory=dict)  # unit index -> the shared unit mapped there
     readonly: set[int] = field(default_factory=set)  # units of `shared` this slot maps without write access
     shared_end: int = 0  # groups [0, shared_end) hold every shared unit of this slot
+    freed_at: int = 0  # when it was last freed (SlotTotals.num_frees then): older is colder
 
     @property
     def excess_groups(self) -> int:
@@ -72,6 +73,7 @@ class SlotTotals:
     num_tokens: int = 0  # tokens the busy slots hold
     num_busy: int = 0  # slots allocated to a request
     num_idle_mapped: int = 0  # free slots still holding groups (deferred reclamation)
+    num_frees: int = 0  # slots freed so far (stamps Slot.freed_at)
 
     def claim(self, s: Slot) -> None:
         """Allocate free slot `s`, holding no tokens yet."""
@@ -84,7 +86,9 @@ class SlotTotals:
         self.num_busy -= 1
         self.num_tokens -= s.num_tokens
         self.num_idle_mapped += bool(s.groups)
+        self.num_frees += 1
         s.busy, s.num_tokens, s.reserved_groups, s.fence = False, 0, 0, fence
+        s.freed_at = self.num_frees
 
     def set_tokens(self, s: Slot, num_tokens: int) -> None:
         if s.busy:

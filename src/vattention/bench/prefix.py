@@ -16,7 +16,9 @@ For each (workload, design, caching): prompt tokens computed (prefill work; reco
 preemption included), prefix-cache hit rate, TTFT p50/p90 from submission, output and total
 tokens/s, peak physical KV bytes of the running requests (a shared prefix counted once: what
 sharing saves), peak committed KV bytes, preemptions, and whether the outputs equal caching off's
-(greedy; they should, token for token).
+(greedy; they should, token for token, up to bf16 near-ties), compared request by request where
+the prompt is the same as caching off's (a multi-turn prompt carries the model's earlier answers,
+so one answer that differs changes the prompts after it: "same prompt" says how many compared).
 """
 
 from __future__ import annotations
@@ -76,10 +78,13 @@ def shared_prompts(ns: argparse.Namespace, vocab: int) -> list[list[int]]:
 
 def drive(engine, submit_first, on_finished=None) -> dict:
     """Submit what `submit_first(submit)` submits, step to the end (`on_finished(output, prompt,
-    submit)` may submit more); each request's TTFT from its submission, outputs in submit order."""
+    submit)` may submit more); each request's TTFT from its submission, outputs in submit order,
+    and by tag (the submission's position unless given) with the prompt's hash, to compare runs
+    whose order differs."""
     submitted, prompts, first, outputs = {}, {}, {}, {}
 
     def submit(prompt: list[int], output_len: int, tag=None) -> None:
+        tag = len(submitted) if tag is None else tag
         rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
         submitted[rid], prompts[rid] = time.monotonic(), (prompt, tag)
 
@@ -104,6 +109,7 @@ def drive(engine, submit_first, on_finished=None) -> dict:
     order = list(submitted)
     return {"elapsed_s": elapsed, "ttft": [first[r] - submitted[r] for r in order],
             "outputs": [outputs[r] for r in order], "prompt_tokens": sum(len(p) for p, _ in prompts.values()),
+            "answers": {prompts[r][1]: (hash(tuple(prompts[r][0])), outputs[r]) for r in order},
             "num_steps": steps, "host_s": host_s,
             "mean_decode_step_ms": 1000 * sum(decode_s) / len(decode_s) if decode_s else None}
 
@@ -209,7 +215,7 @@ def run_one(ns: argparse.Namespace, design: dict, caching: bool, workloads: list
                 "peak_kv_used_gib": engine.peak_bytes_used / GIB,
                 "peak_kv_committed_gib": engine.peak_bytes_committed / GIB,
                 "preemptions": after.num_preemptions - before.num_preemptions,
-                "outputs": res["outputs"]})
+                "outputs": res["outputs"], "answers": res["answers"]})
             print(f"  {name} {design['kv_cache']} caching {'on' if caching else 'off'}: "
                   f"{rows[-1]['elapsed_s']:.1f} s, {rows[-1]['prompt_tokens_computed']} prompt tokens computed",
                   flush=True)
@@ -244,8 +250,13 @@ def run(ns: argparse.Namespace) -> dict:
     for r in rows:
         base = off.get((r["workload"], r["design"]))
         if base is not None:
-            r["same_outputs_as_off"] = sum(a == b for a, b in zip(r["outputs"], base["outputs"])) / len(r["outputs"])
-            r["same_first_token_as_off"] = sum(a[:1] == b[:1] for a, b in zip(r["outputs"], base["outputs"])) / len(r["outputs"])
+            # requests whose prompt equals caching off's (a conversation's later turns carry the
+            # model's earlier answers: once one differs, so do the prompts after it)
+            pairs = [(a, base["answers"][t][1]) for t, (h, a) in r["answers"].items()
+                     if t in base["answers"] and base["answers"][t][0] == h]
+            r["same_prompt_as_off"] = len(pairs) / len(r["answers"])
+            r["same_outputs_as_off"] = sum(a == b for a, b in pairs) / max(1, len(pairs))
+            r["same_first_token_as_off"] = sum(a[:1] == b[:1] for a, b in pairs) / max(1, len(pairs))
             for key in ("output_tokens_per_s", "total_tokens_per_s"):
                 r[f"{key}_vs_off"] = r[key] / base[key]
             r["ttft_p50_off_over_on"] = base["ttft_p50_s"] / r["ttft_p50_s"] if r["ttft_p50_s"] else None
@@ -258,7 +269,7 @@ def run(ns: argparse.Namespace) -> dict:
             r["output_tokens_per_s_vattention_over_this"] = (on[(workload, "vattention")]["output_tokens_per_s"]
                                                              / r["output_tokens_per_s"])
     for r in rows:
-        del r["outputs"]
+        del r["outputs"], r["answers"]
     device = "cuda" if torch.cuda.is_available() and ns.device != "cpu" else "cpu"
     return {"device": device_name(device), "torch": torch.__version__, "model": str(ns.model),
             "load_format": ns.load_format,
@@ -271,7 +282,7 @@ def run(ns: argparse.Namespace) -> dict:
 def print_results(res: dict) -> None:
     headers = ["design", "caching", "prompt tok computed", "vs off", "hit rate", "TTFT p50 s", "off/on",
                "out tok/s", "vs off", "peak KV GiB (physical)", "vs off", "host ms/step", "decode step ms", "preempt",
-               "same out", "same 1st tok"]
+               "same prompt", "same out", "same 1st tok"]
     for workload in dict.fromkeys(r["workload"] for r in res["runs"]):
         rows = [r for r in res["runs"] if r["workload"] == workload]
         print_table(f"{res['device']}: {res['model']}, prefix caching, {rows[0]['what']}", headers, [
@@ -279,7 +290,7 @@ def print_results(res: dict) -> None:
              r.get("prompt_computed_vs_off"), r["hit_rate"], r["ttft_p50_s"], r.get("ttft_p50_off_over_on"),
              r["output_tokens_per_s"], r.get("output_tokens_per_s_vs_off"), r["peak_kv_physical_gib"],
              r.get("peak_kv_physical_vs_off"), r["host_ms_per_step"], r["mean_decode_step_ms"], r["preemptions"],
-             r.get("same_outputs_as_off"), r.get("same_first_token_as_off")]
+             r.get("same_prompt_as_off"), r.get("same_outputs_as_off"), r.get("same_first_token_as_off")]
             for r in rows])
     for e in res["errors"]:
         print(f"FAILED {e}")

@@ -6,6 +6,7 @@ per page, then cuMemSetAccess over the run. This times, on 2 MiB pages of one de
     read-only vs read-write, and unmap;
   - the same aliasing from several threads at once (cuda-bindings releases the GIL);
   - the same aliasing while the device is busy with a long kernel;
+  - one handle as large as the prefix mapped instead (is set-access paid per page or per mapping?);
   - the main thread's kernel launches while another thread aliases.
 
     python benchmarks/diag_alias_cost.py [--pages 128] [--slots 16] [--threads 4]
@@ -121,6 +122,24 @@ def main() -> None:
         unmap_all(driver, s, n)
     print(f"  {ns.slots} slots while the device runs {reps} GEMMs of {1e3 * kernel:.1f} ms: {1e3 * busy:7.1f} ms "
           f"(idle: {1e3 * serial:.1f}; device still busy after: {still_busy})")
+    # one handle as large as the whole prefix, mapped at a second address: is set-access paid
+    # per 2 MiB page or per mapping?
+    cu = driver._cu
+    big = driver._check("cuMemCreate", cu.cuMemCreate(stride, driver._prop, 0))
+    t0 = time.perf_counter()
+    for s in slots:
+        driver._check("cuMemMap", cu.cuMemMap(s, stride, 0, big, 0))
+    t1 = time.perf_counter()
+    for s in slots:
+        driver.set_access(s, stride, read_only=True)
+    t2 = time.perf_counter()
+    for s in slots:
+        driver._check("cuMemUnmap", cu.cuMemUnmap(s, stride))
+    t3 = time.perf_counter()
+    driver._check("cuMemRelease", cu.cuMemRelease(big))
+    print(f"  one {stride >> 20} MiB handle per slot instead: map {1e3 * (t1 - t0) / ns.slots:6.3f} ms, "
+          f"set-access {1e3 * (t2 - t1) / ns.slots:6.3f} ms, unmap {1e3 * (t3 - t2) / ns.slots:6.3f} ms per slot")
+
     # the engine thread's launches while another thread aliases: does the driver block them?
     y = torch.randn(256, device="cuda")
 

@@ -60,11 +60,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dataset-path", default=None, help="none: ShareGPT-format JSON (default: the package's)")
     p.add_argument("--sharegpt-max-len", type=int, default=2048, help="none: drop pairs longer than this")
     p.add_argument("--kv-caches", default="vattention,paged", help="designs, in order (vattention, paged)")
+    p.add_argument("--caching", default="off,on", help="off, on or both in order (ratios need off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/prefix_<model>.json)")
     for cls in ENGINE_CONFIGS:
         add_dataclass_args(p, cls, skip=PER_RUN)
-    return p.parse_args(argv)
+    ns = p.parse_args(argv)
+    if not {c.strip() for c in ns.caching.split(",") if c.strip()} <= {"off", "on"}:
+        p.error(f"--caching takes off, on or off,on; got {ns.caching!r}")
+    return ns
 
 
 # ---- workloads: each drives an engine and returns what it measured ----------------------------
@@ -88,14 +92,17 @@ def drive(engine, submit_first, on_finished=None) -> dict:
         rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
         submitted[rid], prompts[rid] = time.monotonic(), (prompt, tag)
 
-    host_s, steps, decode_s = 0.0, 0, []
+    host_s, wait_s, steps, decode_s, first_steps = 0.0, 0.0, 0, [], []
     start = time.perf_counter()
     submit_first(submit)
     while engine.has_unfinished():
         t0 = time.perf_counter()
         outs = engine.step()
         if engine.last_step is not None:
-            host_s, steps = host_s + engine.last_step.host_s, steps + 1
+            st = engine.last_step
+            host_s, wait_s, steps = host_s + st.host_s, wait_s + st.wait_s, steps + 1
+            if len(first_steps) < 24:  # the first wave of admissions, step by step
+                first_steps.append([st.num_seqs, st.num_tokens, round(1e3 * st.host_s, 2), round(1e3 * st.wait_s, 2)])
             if step_kind(engine.last_step) == "decode":
                 decode_s.append(time.perf_counter() - t0)
         for out in outs:
@@ -110,7 +117,7 @@ def drive(engine, submit_first, on_finished=None) -> dict:
     return {"elapsed_s": elapsed, "ttft": [first[r] - submitted[r] for r in order],
             "outputs": [outputs[r] for r in order], "prompt_tokens": sum(len(p) for p, _ in prompts.values()),
             "answers": {prompts[r][1]: (hash(tuple(prompts[r][0])), outputs[r]) for r in order},
-            "num_steps": steps, "host_s": host_s,
+            "num_steps": steps, "host_s": host_s, "wait_s": wait_s, "first_steps": first_steps,
             "mean_decode_step_ms": 1000 * sum(decode_s) / len(decode_s) if decode_s else None}
 
 
@@ -207,7 +214,8 @@ def run_one(ns: argparse.Namespace, design: dict, caching: bool, workloads: list
                 "hit_rate": hits / queries if queries else 0.0,
                 "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
                 "elapsed_s": res["elapsed_s"], "output_tokens_per_s": out_tokens / res["elapsed_s"],
-                "num_steps": res["num_steps"], "host_s": res["host_s"],
+                "num_steps": res["num_steps"], "host_s": res["host_s"], "wait_s": res["wait_s"],
+                "first_steps (seqs, tokens, host ms, wait ms)": res["first_steps"],
                 "mean_decode_step_ms": res["mean_decode_step_ms"],
                 "host_ms_per_step": 1000 * res["host_s"] / max(1, res["num_steps"]),
                 "total_tokens_per_s": (res["prompt_tokens"] + out_tokens) / res["elapsed_s"],
@@ -239,7 +247,7 @@ def run(ns: argparse.Namespace) -> dict:
     workloads = [w.strip() for w in ns.workloads.split(",") if w.strip()]
     rows, errors = [], []
     for design in designs(ns):
-        for caching in (False, True):
+        for caching in [c.strip() == "on" for c in ns.caching.split(",") if c.strip()]:
             try:
                 rows += run_one(ns, design, caching, workloads)
             except Exception as e:  # noqa: BLE001 - recorded, the other runs go on

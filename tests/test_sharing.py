@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import FaultyDriver, check, check_range, fill, make_cache, on_cuda, small_spec
+from conftest import FaultyDriver, check, check_range, fill, make_cache, new_driver, on_cuda, small_spec
 from test_cache import assert_balanced
 
 
@@ -238,6 +238,51 @@ def test_a_complete_unit_mapped_only_in_the_chosen_slot_is_copied_aside():
         fill(cache, b, 2, 9, 20)
         cache.release(u)
         assert_balanced(cache)
+
+
+class FenceLog:
+    """A host driver whose fences are numbered, so a test can see that a page is unmapped only
+    after the device work issued before it was waited for (on the GPU, work is asynchronous)."""
+
+    def __init__(self, inner):
+        self.inner, self.issued, self.waited, self.unmaps_unsafe = inner, 0, set(), 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def fence(self):
+        self.issued += 1
+        return self.issued
+
+    def wait(self, fence):
+        if fence is not None:
+            self.waited.add(fence)
+
+    def unmap(self, addr):
+        self.unmaps_unsafe += self.issued not in self.waited
+        self.inner.unmap(addr)
+
+
+def test_a_unit_copied_aside_is_read_before_its_pages_are_unmapped():
+    """Staging a complete tail reads the slot's pages on the device; the slot then lets go of
+    them: the unmap must wait for that read (a fence after it), not the slot's last free."""
+    log = FenceLog(new_driver())
+    with share_cache(driver=log) as cache:
+        ut = cache.layout.unit_tokens
+        slots = [cache.alloc_slot() for _ in range(cache.spec.max_seqs)]
+        a = slots[0]
+        cache.ensure(a, ut)
+        u = cache.hold(a, 0)
+        for s in slots:
+            cache.free(s)
+        for s in slots[1:]:
+            cache.alloc_slot()
+        log.fence()  # device work since a's free (other slots'), as the engine would issue
+        log.unmaps_unsafe = 0
+        b = cache.alloc_slot(9, partial=u)
+        assert b == a and cache.stats().counters.pages_unmapped > 0  # it let go of u's pages
+        assert log.unmaps_unsafe == 0, "pages unmapped before the copy that reads them was waited for"
+        cache.release(u)
 
 
 ALIAS_WRITE_SCRIPT = r"""

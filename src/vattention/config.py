@@ -24,10 +24,13 @@ class ModelConfig:
     generation_config: str = "auto"  # sampling defaults for what a request leaves unset: auto (the model's generation_config.json, as vLLM) or vattention (SamplingParams' own)
     enforce_eager: bool = False  # run every step eagerly; otherwise (one CUDA GPU, flash or triton attention) decode-only steps replay CUDA graphs
     max_graph_batch_size: int = 256  # largest decode batch captured as a CUDA graph (sizes 1, 2, 4, 8, 16, 24, ... up to it and max_num_seqs); larger batches run eagerly
+    warm_up: str = "auto"  # run a few throwaway requests at start (prefills alone, batched and over an earlier chunk or cached prefix, then decodes) so the kernels compile before the first real request: auto (on CUDA), on, off
 
     def __post_init__(self):
         if self.max_graph_batch_size < 1:
             raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
+        if self.warm_up not in ("auto", "on", "off"):
+            raise ValueError(f"warm_up must be auto, on or off, got {self.warm_up!r}")
         if self.generation_config not in ("auto", "vattention"):
             raise ValueError(f"generation_config must be auto or vattention, got {self.generation_config!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):

@@ -90,6 +90,33 @@ class LLMEngine:
         self.peak_bytes_used = 0  # most KV bytes holding tokens after any step
         self.peak_bytes_committed = 0  # most KV bytes mapped/allocated/reserved after any step
         self.peak_bytes_physical = 0  # most KV bytes the running requests' tokens take, shared prefixes once
+        if config.model.warm_up == "on" or (config.model.warm_up == "auto" and self.device.type == "cuda"):
+            try:
+                self._warm_up()
+            except BaseException:
+                self.close()
+                raise
+
+    def _warm_up(self) -> None:
+        """Run throwaway requests so the kernels compile now, not in a user's first requests
+        (Triton specialises on shapes: one sequence or many, token counts that are multiples
+        of 16 or not, a prefill over an earlier chunk or a cached prefix): a chunked prompt and
+        three short ones at once, then the same again (prefix hits), a few decodes each. The
+        engine forgets them: prefix cache, counters and peaks start from zero."""
+        vocab, room = self.limits.vocab_size, self.max_request_tokens - 8
+        lengths = [min(n, room) for n in (self.config.scheduler.max_num_batched_tokens + 37, 33, 64, 100)]
+        for round_ in range(2):
+            for i, n in enumerate(lengths):
+                self.add_request([(7 * t + 3 + i) % vocab for t in range(n)],
+                                 SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                                 request_id=f"warm-up-{round_}-{i}")
+            while self.has_unfinished():
+                self.step()
+        self.kv.reset_prefix_cache()
+        s = self.scheduler
+        s.num_preemptions = s.prefix_queries = s.prefix_hits = s.num_prompt_tokens_computed = 0
+        self.peak_bytes_used = self.peak_bytes_committed = self.peak_bytes_physical = 0
+        self.last_step = None
 
     # ---- requests ---------------------------------------------------------------------------
 

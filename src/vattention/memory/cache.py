@@ -327,6 +327,7 @@ class VirtualKVCache:
             if partial is not None and partial.slots == {s.index}:
                 start = s.index * lay.slot_stride_tokens + partial.index * lay.unit_tokens
                 self._staged[s.index] = (partial, self._rows[:, start:start + lay.unit_tokens].clone())
+                s.fence = self.driver.fence()  # unmapping below must wait for this read
         if matched < h:
             self._truncate(s, matched * lay.unit_groups)
             self._map_units(s, prefix[matched:])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vattention.bench import capacity, datasets, prefix, throughput
+from vattention.bench import capacity, datasets, offline, prefix, throughput
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -248,3 +248,18 @@ def test_throughput_peer_without_transformers_is_reported_unavailable(tmp_path, 
                           "--kv-cache-memory-gib", "0.01", "--peer", "transformers")
     assert "not importable" in res["peer"]["unavailable"]
     assert "output_tokens_per_s_vs_peer" not in res["runs"][0]
+
+
+def test_bench_offline_labels_the_model_and_counts_every_request(tmp_path, one_thread, capsys):
+    out = tmp_path / "offline.json"
+    model = _tiny_model(tmp_path)
+    argv = ["--model", str(model), "--load-format", "dummy", "--device", "cpu", "--dtype", "float32",
+            "--max-model-len", "256", "--num-prompts", "5", "--input-len", "20", "--output-len", "6",
+            "--kv-cache-memory-gib", str((4 << 20) / GIB), "--out", str(out)]
+    assert offline.main(argv) == 0
+    res = json.loads(out.read_text())
+    captured = capsys.readouterr()
+    assert res["model"] == str(model) and f"offline throughput: {model}" in captured.out
+    assert "requests done" in captured.err and "5/5" in captured.err  # the progress bar ran to the end
+    assert res["num_prompts"] == 5 and res["output_tokens_per_s"] > 0 and res["mean_decode_step_ms"] > 0
+    assert offline.model_label(offline.parse_args([])) == "SmolLM2-135M-Instruct"

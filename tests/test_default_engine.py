@@ -95,3 +95,45 @@ def test_cli_reports_bad_input_clearly(converted, capsys, monkeypatch):
     monkeypatch.setenv("VATTENTION_CACHE", str(converted["cache"]))
     assert cli_main(["generate", "hi", "--temperature", "-1", "--device", "cpu"]) == 2
     assert "temperature must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_stream_yields_what_generate_returns_piece_by_piece(default_llm):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    want = default_llm.chat(messages, params)[0].outputs[0]
+    pieces = list(default_llm.stream(messages, params, chat=True))
+    assert len(pieces) > 3 and pieces[-1].finished and not any(p.finished for p in pieces[:-1])
+    assert "".join(p.outputs[0].text for p in pieces) == want.text
+    assert [t for p in pieces for t in p.outputs[0].token_ids] == want.token_ids
+    assert pieces[-1].outputs[0].finish_reason == want.finish_reason
+
+
+def test_stopping_a_stream_early_aborts_its_request(default_llm):
+    it = default_llm.stream("Once upon a time", SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    next(it), next(it)
+    it.close()
+    assert not default_llm.engine.has_unfinished()
+    assert default_llm.engine.kv.usage().num_requests == 0
+    with pytest.raises(ValueError, match="n=1"):
+        next(default_llm.stream("x", SamplingParams(n=2)))
+
+
+def test_generate_shows_progress_for_many_prompts(default_llm, capsys):
+    params = SamplingParams(temperature=0, max_tokens=2)
+    default_llm.generate(QUESTIONS, params)
+    assert "Processed prompts" in capsys.readouterr().err
+    default_llm.generate(QUESTIONS, params, use_tqdm=False)
+    default_llm.generate(QUESTIONS[0], params)  # one prompt: no bar
+    assert "Processed prompts" not in capsys.readouterr().err
+
+
+def test_cli_generate_streams_a_whole_answer_by_default(converted, capsys, monkeypatch, default_llm):
+    """Without --max-tokens the CLI answers up to 512 tokens (not SamplingParams' 16), printed
+    as it is generated: the same text the API gives."""
+    monkeypatch.setenv("VATTENTION_CACHE", str(converted["cache"]))
+    question = "Write three sentences about the sea."
+    assert cli_main(["generate", question, "--temperature", "0", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    want = default_llm.chat([{"role": "user", "content": question}],
+                            SamplingParams(temperature=0, max_tokens=512))[0].outputs[0]
+    assert len(want.token_ids) > 16 and printed == want.text + "\n"

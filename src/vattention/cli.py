@@ -1,7 +1,8 @@
 """The `vattention` command line.
 
-  vattention generate "prompt" [sampling and engine options]   one answer, then a KV summary
-  vattention chat [engine options]                              interactive, with chat template
+  vattention generate "prompt" [sampling and engine options]   one answer, streamed, then a KV summary
+  vattention chat [engine options]                              interactive, with chat template, streamed
+(generate and chat answer up to 512 tokens unless --max-tokens says otherwise)
   vattention demo                                               the memory library on its own
   vattention bench memory [...]                                 benchmarks (tables + JSON)
 Engine and sampling options are generated from the config dataclasses (see --help).
@@ -18,6 +19,7 @@ from .sampling_params import SamplingParams
 from .server.cli import add_serve_args, run_serve
 
 CHAT_SKIP = ("n", "logprobs", "output_kind")
+CLI_MAX_TOKENS = 512  # generate/chat without --max-tokens: a whole answer, not SamplingParams' 16
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -90,20 +92,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cli_defaults(llm) -> dict:
+    return {"max_tokens": CLI_MAX_TOKENS, **llm.engine.default_sampling}
+
+
+def _print_stream(llm, prompt, params: SamplingParams, chat: bool) -> str:
+    """Print the answer as it is generated; returns all of it."""
+    pieces = []
+    for out in llm.stream(prompt, params, chat=chat):
+        piece = out.outputs[0].text
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+        if out.error is not None:
+            print(f"\n[error: {out.error}]", file=sys.stderr)
+    print()
+    return "".join(pieces)
+
+
 def _generate(ns: argparse.Namespace) -> int:
     from .engine import LLM
     _sampling(ns)  # bad flags fail before the model loads
     llm = LLM(**_engine_kwargs(ns))
-    params = _sampling(ns, defaults=llm.engine.default_sampling)
+    params = _sampling(ns, defaults=_cli_defaults(llm))
     tok = llm.tokenizer
-    if ns.chat_template and tok is not None and tok.chat_template is not None:
-        outs = llm.chat([{"role": "user", "content": ns.prompt}], params)
+    chat = bool(ns.chat_template and tok is not None and tok.chat_template is not None)
+    prompt = [{"role": "user", "content": ns.prompt}] if chat else ns.prompt
+    if params.n == 1 and tok is not None:
+        _print_stream(llm, prompt, params, chat)
     else:
-        outs = llm.generate(ns.prompt, params)
-    for completion in outs[0].outputs:
-        if params.n > 1:
-            print(f"--- sample {completion.index} ({completion.finish_reason})")
-        print(completion.text)
+        outs = llm.chat(prompt, params) if chat else llm.generate(prompt, params)
+        for completion in outs[0].outputs:
+            if params.n > 1:
+                print(f"--- sample {completion.index} ({completion.finish_reason})")
+            print(completion.text)
     print(llm.engine.memory_summary(), file=sys.stderr)
     llm.close()
     return 0
@@ -113,7 +134,7 @@ def _chat(ns: argparse.Namespace) -> int:
     from .engine import LLM
     _sampling(ns, CHAT_SKIP)
     llm = LLM(**_engine_kwargs(ns))
-    params = _sampling(ns, CHAT_SKIP, llm.engine.default_sampling)
+    params = _sampling(ns, CHAT_SKIP, _cli_defaults(llm))
     messages = [{"role": "system", "content": ns.system}] if ns.system else []
     while True:
         try:
@@ -123,9 +144,8 @@ def _chat(ns: argparse.Namespace) -> int:
         if not line or line in ("/exit", "/quit"):
             break
         messages.append({"role": "user", "content": line})
-        answer = llm.chat(messages, params)[0].outputs[0].text
+        answer = _print_stream(llm, messages, params, chat=True)
         messages.append({"role": "assistant", "content": answer})
-        print(answer)
         print(llm.engine.memory_summary(), file=sys.stderr)
     llm.close()
     return 0

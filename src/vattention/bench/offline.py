@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..cli_args import add_dataclass_args, dataclass_values
 from ..config import ENGINE_CONFIGS
@@ -59,15 +60,18 @@ def run(ns: argparse.Namespace) -> dict:
     for _ in range(ns.num_prompts):
         engine.add_request([rng.randrange(vocab) for _ in range(ns.input_len)], params)
     step_times: dict[str, list[float]] = {"prefill": [], "decode": [], "other": []}  # step_kind -> seconds
+    bar = tqdm(total=ns.num_prompts, desc=f"{model_label(ns)}: requests done", unit="req", dynamic_ncols=True)
     start = time.perf_counter()
     while engine.has_unfinished():
         t0 = time.perf_counter()
-        engine.step()
+        outs = engine.step()
         step_times[step_kind(engine.last_step)].append(time.perf_counter() - t0)
+        bar.update(sum(out.finished for out in outs))
     elapsed = time.perf_counter() - start
+    bar.close()
     total_out = ns.num_prompts * ns.output_len
     result = {
-        "model": str(ns.model), "kv_cache": ns.kv_cache, "layout": ns.layout,
+        "model": model_label(ns), "kv_cache": ns.kv_cache, "layout": ns.layout,
         "device": device_name(str(engine.device.type)), "torch": torch.__version__,
         "num_prompts": ns.num_prompts, "input_len": ns.input_len, "output_len": ns.output_len,
         "max_num_seqs": ns.max_num_seqs, "max_num_batched_tokens": ns.max_num_batched_tokens,
@@ -85,6 +89,11 @@ def run(ns: argparse.Namespace) -> dict:
     return result
 
 
+def model_label(ns: argparse.Namespace) -> str:
+    """The model as the user named it (a preset or a directory); the built-in one by its name."""
+    return str(ns.model) if ns.model else "SmolLM2-135M-Instruct"
+
+
 def _mean_ms(times: list[float]) -> float | None:
     return 1000 * sum(times) / len(times) if times else None
 
@@ -96,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "num_steps", "mean_prefill_step_ms",
             "mean_decode_step_ms", "peak_kv_used_mib", "peak_kv_committed_mib")
     rows = [[k, "-" if result[k] is None else result[k]] for k in keys]
-    print_table("offline throughput", ["metric", "value"], rows)
-    name = str(ns.model or "smollm2").replace("/", "_")
+    print_table(f"offline throughput: {result['model']} ({ns.load_format} weights), {result['kv_cache']}, "
+                f"{result['device']}", ["metric", "value"], rows)
+    name = Path(result["model"]).name
     write_json(Path(ns.out or f"benchmarks/results/offline_{name}_{ns.kv_cache}.json"), result)
     return 0

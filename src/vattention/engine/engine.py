@@ -115,6 +115,7 @@ class LLMEngine:
         self.kv.reset_prefix_cache()
         s = self.scheduler
         s.num_preemptions = s.prefix_queries = s.prefix_hits = s.num_prompt_tokens_computed = 0
+        s.num_generated_tokens = 0
         self.peak_bytes_used = self.peak_bytes_committed = self.peak_bytes_physical = 0
         self.last_step = None
 
@@ -192,7 +193,8 @@ class LLMEngine:
                            num_context_tokens=sum(r.num_computed_tokens for r in running),
                            num_preemptions=s.num_preemptions, kv=self.kv.usage(), last_step=self.last_step,
                            prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
-                           num_prompt_tokens_computed=s.num_prompt_tokens_computed)
+                           num_prompt_tokens_computed=s.num_prompt_tokens_computed,
+                           num_generated_tokens=s.num_generated_tokens)
 
     # ---- the loop ---------------------------------------------------------------------------
 

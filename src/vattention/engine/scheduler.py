@@ -46,6 +46,7 @@ class Scheduler:
         self.prefix_queries = 0  # tokens of requests admitted from scratch (prefix cache lookups)
         self.prefix_hits = 0  # of those, tokens found cached
         self.num_prompt_tokens_computed = 0  # prompt tokens scheduled for computing (recompute included)
+        self.num_generated_tokens = 0  # output tokens appended to requests (after stop rules)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -199,6 +200,7 @@ class Scheduler:
             if error is None:
                 try:
                     reason = self.outputs.append(req, token)
+                    self.num_generated_tokens += 1
                 except Exception as e:  # noqa: BLE001 - e.g. detokenizing: this request's alone
                     error = f"processing its output failed: {type(e).__name__}: {e}"
                 else:

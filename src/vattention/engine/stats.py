@@ -30,3 +30,4 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens of sequences admitted from scratch (looked up in the prefix cache)
     prefix_cache_hits: int = 0  # of those, tokens found cached (not computed)
     num_prompt_tokens_computed: int = 0  # prompt tokens scheduled for computing since the start
+    num_generated_tokens: int = 0  # output tokens produced since the start

@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health,
-/metrics, /tokenize and /detokenize.
+/version, /metrics, /tokenize and /detokenize; CORS and the periodic stats log when configured.
 
 A generation request is validated here, tokenized on a worker thread (so a large prompt never
 stalls the event loop: /health and every stream keep going), submitted to the AsyncEngine with
@@ -23,10 +23,12 @@ from contextlib import asynccontextmanager
 
 import jinja2
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi import Request as HTTPRequest
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .. import __version__
 from ..engine.validation import RequestError
 from ..sampling_params import SamplingParams
 from .async_engine import (AsyncEngine, EngineOverloadedError, EngineStoppedError,
@@ -34,6 +36,7 @@ from .async_engine import (AsyncEngine, EngineOverloadedError, EngineStoppedErro
 from .errors import add_error_handlers, bearer_check, parse_body
 from .limits import BodyLimitMiddleware
 from .metrics import ServerMetrics
+from .stats_log import log_stats
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatCompletionChunk,
                        ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatStreamChoice,
                        CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
@@ -48,21 +51,32 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20  # ~8 MB of prompt text at most fits a
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
               shutdown_timeout_s: float = 30.0,
-              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
-    """The app around a started AsyncEngine; the app's shutdown shuts the engine down."""
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES, options=None) -> FastAPI:
+    """The app around a started AsyncEngine; the app's shutdown shuts the engine down.
+    `options`: the ServerConfig, for the stats log and CORS (None: no stats log, no CORS)."""
     server = OpenAIServer(async_engine, served_model_name)
+    interval = options.stats_log_interval_s if options is not None else 0
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        task = asyncio.create_task(log_stats(lambda: async_engine.stats.engine, interval)) if interval else None
         yield
+        if task is not None:
+            task.cancel()
         await asyncio.to_thread(async_engine.shutdown, shutdown_timeout_s)
 
     app = FastAPI(title="vattention", lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_body_bytes)
+    if options is not None and options.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins,
+                           allow_methods=options.allowed_methods or ["*"],
+                           allow_headers=options.allowed_headers or ["*"],
+                           allow_credentials=options.allow_credentials)
     add_error_handlers(app)
     auth = [Depends(bearer_check(api_key))] if api_key else []
 
     app.get("/health")(server.health)
+    app.get("/version")(server.version)
     app.get("/metrics")(server.metrics_page)
     app.post("/tokenize")(server.tokenize)
     app.post("/detokenize")(server.detokenize)
@@ -92,6 +106,9 @@ class OpenAIServer:
         if failure is not None:
             raise APIError(503, f"the engine failed: {failure}", type="server_error")
         return Response(status_code=200)
+
+    async def version(self) -> dict:
+        return {"version": __version__}
 
     async def metrics_page(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -35,6 +35,11 @@ class ServerConfig:
     request_read_timeout_s: float = 30.0  # a connection must deliver its request (headers and body) within this from its first byte, or it is closed
     timeout_keep_alive_s: float = 5.0  # uvicorn's: an idle kept-alive connection is closed after this
     limit_concurrency: int | None = None  # uvicorn's: connections + tasks at once beyond which new ones get 503; None = unlimited
+    stats_log_interval_s: float = 10.0  # log a one-line engine summary (throughput, running/waiting, KV used, prefix hit rate) this often while busy, as vLLM does; 0 = never
+    allowed_origins: list[str] | None = None  # CORS: origins browsers may call from (e.g. '*' or https://app.example); unset = no CORS headers
+    allowed_methods: list[str] | None = None  # CORS: methods allowed (default: all)
+    allowed_headers: list[str] | None = None  # CORS: request headers allowed (default: all)
+    allow_credentials: bool = False  # CORS: allow cookies and Authorization from those origins
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -48,6 +53,11 @@ class ServerConfig:
         for name in ("request_read_timeout_s", "timeout_keep_alive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.stats_log_interval_s < 0:
+            raise ValueError(f"stats_log_interval_s must be >= 0, got {self.stats_log_interval_s}")
+        if self.allow_credentials and self.allowed_origins and "*" in self.allowed_origins:
+            raise ValueError("allow_credentials cannot be used with allowed_origins '*' (browsers refuse it); "
+                             "name the origins")
         if self.limit_concurrency is not None and self.limit_concurrency < 1:
             raise ValueError(f"limit_concurrency must be >= 1 (or unset), got {self.limit_concurrency}")
 
@@ -95,7 +105,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         print(f"vattention serve: error: {e}", file=sys.stderr)
         return 2
     app = build_app(async_engine, server.served_model_name, server.api_key,
-                    server.shutdown_timeout_s, server.max_request_body_bytes)
+                    server.shutdown_timeout_s, server.max_request_body_bytes, server)
     engine = async_engine.engine
     logging.getLogger("vattention.server").info(
         "serving %s (%s on %s, context %d tokens, KV cache %s) at http://%s:%d/v1",

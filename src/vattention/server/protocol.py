@@ -78,6 +78,9 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; unused
+    metadata: dict[str, str] | None = None  # OpenAI's stored-completion fields: accepted, unused
+    store: bool | None = None
+    service_tier: str | None = None
     cache_salt: str | None = Field(default=None, min_length=1)  # vLLM extension: only requests with the same salt share cached prefixes
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias in [-100, 100]
 
@@ -129,9 +132,17 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = 16  # OpenAI's default for completions; None = up to the context
     logprobs: int | None = None  # the sampled token's logprob and this many most likely ones
     echo: bool = False  # the prompt text goes before the completion
+    suffix: str | None = None  # OpenAI's insertion mode: refused by name (no fill-in-the-middle here)
+    best_of: int | None = None  # refused unless it equals n (no server-side candidate ranking yet)
 
     def to_sampling_params(self, max_tokens: int, defaults: dict) -> SamplingParams:
         """defaults: the model's sampling defaults, for the parameters the request leaves unset."""
+        if self.suffix is not None:
+            raise APIError(400, "suffix is not supported: this server has no insertion "
+                                "(fill-in-the-middle) mode", param="suffix")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise APIError(400, f"best_of={self.best_of} is not supported (only best_of equal to n, "
+                                f"{self.n or 1})", param="best_of")
         if self.echo and self.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)",
                            param="echo")

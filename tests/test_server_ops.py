@@ -1,0 +1,99 @@
+"""Operations a vLLM user reaches for: /version, CORS, the periodic stats line, and the
+OpenAI fields that are accepted and ignored or refused by name (on a random-weight model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from vattention import __version__  # noqa: E402
+from vattention.config import EngineConfig  # noqa: E402
+from vattention.engine.stats import EngineStats  # noqa: E402
+from vattention.kv.base import KVUsage  # noqa: E402
+from vattention.server.app import build_app  # noqa: E402
+from vattention.server.async_engine import AsyncEngine  # noqa: E402
+from vattention.server.cli import ServerConfig  # noqa: E402
+from vattention.server.stats_log import stats_line  # noqa: E402
+
+
+@pytest.fixture
+def engine(tmp_path):
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "max_position_embeddings": 512}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    engine = AsyncEngine(EngineConfig.from_kwargs(model=str(tmp_path), load_format="dummy", device="cpu",
+                                                  kv_cache_memory_gib=0.05, page_size=64 << 10))
+    engine.start()
+    yield engine
+    engine.shutdown(5)
+
+
+def app_client(engine, **options) -> TestClient:
+    return TestClient(build_app(engine, "tiny", options=ServerConfig(**options)))
+
+
+BODY = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 3, "temperature": 0}
+
+
+def test_version_and_cors(engine):
+    with app_client(engine, stats_log_interval_s=0, allowed_origins=["https://app.example"]) as c:
+        assert c.get("/version").json() == {"version": __version__}
+        pre = c.options("/v1/completions", headers={"Origin": "https://app.example",
+                                                    "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        other = c.options("/v1/completions", headers={"Origin": "https://evil.example",
+                                                      "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+    with app_client(engine, stats_log_interval_s=0) as c:  # no origins configured: no CORS headers
+        r = c.get("/version", headers={"Origin": "https://app.example"})
+        assert "access-control-allow-origin" not in r.headers
+    with pytest.raises(ValueError, match="allow_credentials"):
+        ServerConfig(allowed_origins=["*"], allow_credentials=True)
+
+
+def test_openai_fields_accepted_or_refused_by_name(engine):
+    with app_client(engine, stats_log_interval_s=0) as c:
+        ok = c.post("/v1/completions", json={**BODY, "metadata": {"k": "v"}, "store": False,
+                                             "service_tier": "auto", "user": "u", "best_of": 1})
+        assert ok.status_code == 200, ok.text
+        for field, value in (("suffix", "end"), ("best_of", 3)):
+            r = c.post("/v1/completions", json={**BODY, field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        r = c.post("/v1/completions", json={**BODY, "no_such_field": 1})
+        assert r.status_code == 400  # still strict about what nobody defines
+
+
+def _stats(**changes) -> EngineStats:
+    kv = KVUsage(bytes_used=250, bytes_committed=500, bytes_capacity=1000, num_requests=2, page_bytes=1,
+                 pages_total=1000, pages_mapped=500, pages_free=500)
+    base = EngineStats(num_running=2, num_waiting=1, num_decoding=2, num_context_tokens=10, num_preemptions=0,
+                       kv=kv, last_step=None, prefix_cache_queries=200, prefix_cache_hits=50,
+                       num_prompt_tokens_computed=100, num_generated_tokens=40)
+    return dataclasses.replace(base, **changes)
+
+
+def test_stats_line_reports_the_interval():
+    before = _stats(num_prompt_tokens_computed=0, num_generated_tokens=0)
+    line = stats_line(before, _stats(), 2.0)
+    assert line == ("prompt throughput 50.0 tok/s, generation throughput 20.0 tok/s, running 2 reqs, "
+                    "waiting 1 reqs, KV used 25.0% (committed 50.0%), prefix cache hit rate 25.0%")
+    idle = _stats(num_running=0, num_waiting=0)
+    assert stats_line(idle, idle, 1.0) is None  # a quiet interval logs nothing
+
+
+def test_the_server_logs_stats_while_busy(engine, caplog):
+    caplog.set_level(logging.INFO, logger="vattention.stats")
+    with app_client(engine, stats_log_interval_s=0.05) as c:
+        for _ in range(3):
+            assert c.post("/v1/completions", json={**BODY, "max_tokens": 40}).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "vattention.stats"]
+    assert lines and all("generation throughput" in line for line in lines)

@@ -97,3 +97,25 @@ def test_the_server_logs_stats_while_busy(engine, caplog):
             assert c.post("/v1/completions", json={**BODY, "max_tokens": 40}).status_code == 200
     lines = [r.getMessage() for r in caplog.records if r.name == "vattention.stats"]
     assert lines and all("generation throughput" in line for line in lines)
+
+
+def test_metrics_under_vllm_names_with_the_request_phases(engine):
+    from prometheus_client import parser
+    with app_client(engine, stats_log_interval_s=0) as c:
+        assert c.post("/v1/completions", json={**BODY, "n": 2, "max_tokens": 5}).status_code == 200
+        text = c.get("/metrics").text
+    samples = {}
+    for family in parser.text_string_to_metric_families(text):
+        for smp in family.samples:
+            samples[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    tiny = (("model_name", "tiny"),)
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert samples[(f"vllm:request_{phase}_time_seconds_count", tiny)] == 1
+        assert samples[(f"vattention:request_{phase}_time_seconds_count", ())] == 1
+    assert samples[("vllm:generation_tokens_total", tiny)] == 10 == samples[("vattention:generation_tokens_total", ())]
+    assert samples[("vllm:prompt_tokens_total", tiny)] == 4
+    assert samples[("vllm:request_success_total", (("finished_reason", "length"),) + tiny)] == 2
+    assert samples[("vllm:num_requests_running", tiny)] == 0
+    assert samples[("vllm:num_preemptions_total", tiny)] == 0 == samples[("vattention:num_preemptions_total", ())]
+    assert ("vllm:kv_cache_usage_perc", tiny) in samples and ("vllm:prefix_cache_hits_total", tiny) in samples
+    assert samples[("vllm:request_queue_time_seconds_sum", tiny)] <= samples[("vllm:e2e_request_latency_seconds_sum", tiny)]

@@ -55,6 +55,7 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens whose KV was reused instead of computed
     first_token_time: float | None = None  # time.monotonic() when the engine had the first token of any sample
+    scheduled_time: float | None = None  # time.monotonic() when the engine first admitted any sample
 
     @property
     def error(self) -> str | None:

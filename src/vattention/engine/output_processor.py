@@ -90,9 +90,10 @@ def make_request_output(group: list[Request]) -> RequestOutput | None:
     for r in group:
         r.done_sent = r.done_sent or r.finished
     times = [r.first_token_time for r in group if r.first_token_time is not None]
+    admitted = [r.scheduled_time for r in group if r.scheduled_time is not None]
     return RequestOutput(request_id=first.request_id.rsplit("#", 1)[0], prompt=first.prompt,
                          prompt_token_ids=first.prompt_token_ids, outputs=outputs, finished=finished,
-                         first_token_time=min(times, default=None),
+                         first_token_time=min(times, default=None), scheduled_time=min(admitted, default=None),
                          num_cached_tokens=max(r.num_cached_tokens for r in group))
 
 

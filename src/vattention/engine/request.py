@@ -54,6 +54,7 @@ class Request:
     top_logprobs: list[list[Logprob]] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # when it was first admitted (left the queue)
     detokenizer: IncrementalDetokenizer | None = None  # made by the output processor at the first token
     num_sent_tokens: int = 0  # DELTA outputs: output tokens (and their logprobs) handed out so far
     num_sent_chars: int = 0  # DELTA outputs: characters of text handed out so far

@@ -26,6 +26,7 @@ offers its tail too. A step that never ran clears the cache: it may list KV neve
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from ..kv import KVManager, PrefixHit, extend_keys
@@ -93,6 +94,8 @@ class Scheduler:
                     continue  # it failed and left the queue
                 break  # not enough KV memory now; retry when something finishes
             self.waiting.popleft()
+            if req.scheduled_time is None:
+                req.scheduled_time = time.monotonic()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             if self.kv.cache_unit:

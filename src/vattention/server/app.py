@@ -92,7 +92,7 @@ class OpenAIServer:
     def __init__(self, async_engine: AsyncEngine, served_model_name: str):
         self.async_engine = async_engine
         self.model_name = served_model_name
-        self.metrics = ServerMetrics(lambda: async_engine.stats)
+        self.metrics = ServerMetrics(lambda: async_engine.stats, served_model_name)
         engine = async_engine.engine
         self.tokenizer = engine.tokenizer  # None for token-id-only models
         self.limits = engine.limits  # what a request may be: context, vocabulary, text length

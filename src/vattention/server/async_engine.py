@@ -110,6 +110,8 @@ def merge_delta(into: RequestOutput, later: RequestOutput) -> None:
         mine.finish_reason, mine.stop_reason = c.finish_reason, c.stop_reason
         mine.error, mine.num_tokens = c.error, c.num_tokens
     into.finished, into.num_cached_tokens = later.finished, later.num_cached_tokens
+    into.first_token_time = into.first_token_time if into.first_token_time is not None else later.first_token_time
+    into.scheduled_time = into.scheduled_time if into.scheduled_time is not None else later.scheduled_time
 
 
 @dataclass

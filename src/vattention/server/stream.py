@@ -84,6 +84,7 @@ class Generation:
         self._metrics = metrics
         self._arrival = arrival  # time.monotonic() when the request was submitted
         self._first_token: float | None = None  # when the engine had the first output token
+        self._scheduled: float | None = None  # when the engine admitted it
         self._last: RequestOutput | None = None  # the newest output read
         self._closed = False
 
@@ -98,6 +99,8 @@ class Generation:
             self.finish_reasons[c.index] = c.finish_reason
         if self._first_token is None:  # the engine's time: a FINAL_ONLY output comes only at the end
             self._first_token = out.first_token_time
+        if self._scheduled is None:
+            self._scheduled = out.scheduled_time
         self._last = out
         return out
 
@@ -119,7 +122,8 @@ class Generation:
         if not self._stream.finished:
             self._async_engine.abort(self.request_id)
         self._metrics.record([reason or "abort" for reason in self.finish_reasons], self.prompt_len,
-                             sum(self.num_tokens), self._arrival, self._first_token, time.monotonic())
+                             sum(self.num_tokens), self._arrival, self._first_token, time.monotonic(),
+                             self._scheduled)
 
 
 def usage_of(gens: list[Generation]) -> UsageInfo:

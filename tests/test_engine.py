@@ -167,6 +167,28 @@ def test_stop_token_ids_and_eos(checkpoint):
     assert out.finish_reason == "stop" and out.stop_reason == stop_at
 
 
+def test_min_tokens_holds_back_eos_and_stop_ids_and_the_rest_is_unchanged(checkpoint):
+    """The model's EOS forced (logit_bias +100): it ends the output at once, unless min_tokens
+    keeps it out for that many tokens, which are then the greedy tokens of the model with EOS
+    and the stop id banned (checked against HF's greedy path where it does not pick them)."""
+    path, hf = checkpoint
+    llm = make_llm(path)
+    eos = min(llm.engine.eos_token_ids)
+    forced = dict(temperature=0, max_tokens=NUM_TOKENS, logit_bias={eos: 100})
+    out = llm.generate([PROMPTS[0]], SamplingParams(**forced))[0].outputs[0]
+    assert out.token_ids == [eos] and out.finish_reason == "stop"
+    out = llm.generate([PROMPTS[0]], SamplingParams(**forced, min_tokens=4))[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.token_ids[-1] == eos and eos not in out.token_ids[:4]
+    assert out.finish_reason == "stop"
+    free, _ = hf_greedy(hf, PROMPTS[0], NUM_TOKENS)
+    stop_at = free[1]
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True,
+                                                    stop_token_ids=[stop_at], min_tokens=3))[0].outputs[0]
+    assert stop_at not in out.token_ids[:3] and len(out.token_ids) >= 3
+    if stop_at not in free[:1]:
+        assert out.token_ids[0] == free[0]  # before the ban bites, the model's own choice
+
+
 def test_bad_input_is_refused_and_others_keep_running(tmp_path):
     make_checkpoint("llama", tmp_path)
     llm = make_llm(tmp_path, max_model_len=64)

@@ -378,3 +378,31 @@ def test_logit_bias_then_filters_match_the_reference():
 def test_bad_logit_bias_is_refused(bias, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         SP(logit_bias=bias)
+
+
+def test_banned_ids_are_never_chosen_and_the_rest_keep_their_distribution():
+    """min_tokens' bans: a row's banned ids get probability 0 (greedy never picks them, even as
+    the argmax); the other tokens keep the reference distribution renormalized without them."""
+    logits = random_logits(3, 12, seed=4)
+    logits[:, 5] = 50.0  # the banned id would win everywhere
+    params = [SP(temperature=0), SP(temperature=0.8, top_p=0.9), SP(temperature=0)]
+    batch = SamplingBatch(params, [[]] * 3, [[]] * 3, [None] * 3, banned=[[5], [5, 7], []])
+    ids = sampler(logits, batch).token_ids
+    row0 = logits[0].clone()
+    row0[5] = -float("inf")
+    assert ids[0] == int(row0.argmax()) and ids[2] == 5  # row 2 bans nothing
+    from vattention.sampling.sampler import apply_bans
+    banned = apply_bans(logits.float(), batch.banned)
+    probs = sampling_probs(banned[1:2], params[1:2])[0].tolist()
+    assert probs[5] == 0 and probs[7] == 0
+    want = ref_probs([x if i not in (5, 7) else -1e30 for i, x in enumerate(logits[1].double().tolist())], params[1])
+    assert_close(probs, want, 1e-5, "banned row")
+    for _ in range(50):
+        assert sampler(logits, batch).token_ids[1] not in (5, 7)
+
+
+def test_min_tokens_must_fit_max_tokens():
+    assert SP(min_tokens=4, max_tokens=4).min_tokens == 4
+    for bad in (-1, 5, 1.5, True):
+        with pytest.raises(ValueError, match="min_tokens"):
+            SP(min_tokens=bad, max_tokens=4)

@@ -119,3 +119,14 @@ def test_metrics_under_vllm_names_with_the_request_phases(engine):
     assert samples[("vllm:num_preemptions_total", tiny)] == 0 == samples[("vattention:num_preemptions_total", ())]
     assert ("vllm:kv_cache_usage_perc", tiny) in samples and ("vllm:prefix_cache_hits_total", tiny) in samples
     assert samples[("vllm:request_queue_time_seconds_sum", tiny)] <= samples[("vllm:e2e_request_latency_seconds_sum", tiny)]
+
+
+def test_min_tokens_reaches_the_engine_and_is_checked(engine):
+    with app_client(engine, stats_log_interval_s=0) as c:
+        forced = {**BODY, "max_tokens": 8, "logit_bias": {"9": 100}, "stop_token_ids": [9]}
+        short = c.post("/v1/completions", json=forced).json()
+        assert short["usage"]["completion_tokens"] == 1 and short["choices"][0]["finish_reason"] == "stop"
+        long = c.post("/v1/completions", json={**forced, "min_tokens": 5}).json()
+        assert long["usage"]["completion_tokens"] == 6 and long["choices"][0]["finish_reason"] == "stop"
+        r = c.post("/v1/completions", json={**BODY, "min_tokens": 9})  # more than max_tokens (3)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text

@@ -26,6 +26,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the output (OpenAI rule)
     seed: int | None = None  # per-request generator: same seed, same tokens
     max_tokens: int | None = 16  # output tokens at most; None = up to the context length
+    min_tokens: int = 0  # output tokens before EOS or stop_token_ids may be sampled and stop strings match (vLLM's)
     stop: list[str] = field(default_factory=list)  # text that ends the output (not included)
     stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the output
     ignore_eos: bool = False  # keep going past the end-of-sequence token
@@ -56,6 +57,9 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
              "max_tokens must be an integer >= 1 (or None)"),
+            (isinstance(self.min_tokens, int) and not isinstance(self.min_tokens, bool) and self.min_tokens >= 0
+             and (self.max_tokens is None or not isinstance(self.max_tokens, int) or self.min_tokens <= self.max_tokens),
+             f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens}"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              "logprobs must be an integer in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),

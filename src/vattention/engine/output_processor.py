@@ -45,6 +45,10 @@ class OutputProcessor:
         return reason
 
     def _stop_reason(self, req: Request, token: int, previous: int) -> str | None:
+        if len(req.output_token_ids) <= req.params.min_tokens:  # the sampler kept EOS/stop ids out
+            if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+                return "length"
+            return None
         if token in req.params.stop_token_ids:
             req.stop_reason = token
             return "stop"

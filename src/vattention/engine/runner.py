@@ -101,7 +101,8 @@ class ModelRunner:
         batch = SamplingBatch(params=[r.params for r in reqs],
                               prompt_token_ids=[r.prompt_token_ids for r in reqs],
                               output_token_ids=[r.output_token_ids for r in reqs],
-                              generators=[r.generator for r in reqs])
+                              generators=[r.generator for r in reqs],
+                              banned=[_banned(r) for r in reqs])
         with torch.inference_mode():
             sample, errors = self.sampler.sample_isolated(logits, batch)
         self._last_ids = sample.token_ids
@@ -156,3 +157,10 @@ class ModelRunner:
         if not inputs.sample_rows:
             return None
         return self.model.compute_logits(hidden[rows])  # [num_sampling, vocab]
+
+
+def _banned(req) -> list[int]:
+    """Ids the request may not sample now: below min_tokens, its EOS and stop token ids."""
+    if len(req.output_token_ids) >= req.params.min_tokens:
+        return []
+    return sorted(set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else req.eos_token_ids))

@@ -2,7 +2,7 @@
 
 Per row, in this order (vLLM / HF / OpenAI semantics):
 
-    raw logits ──► penalties ──► logit_bias ──► greedy rows: argmax
+    raw logits ──► penalties ──► logit_bias ──► bans (min_tokens) ──► greedy rows: argmax
         │          (repetition, frequency, presence)
         │                   └──► sampled rows: / temperature ─► top-k ─► top-p ─► min-p ─► draw
         └──► logprobs / top_logprobs (log_softmax of the raw logits, never of the processed ones)
@@ -49,6 +49,7 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]]  # the prompt: repetition_penalty also covers its tokens
     output_token_ids: list[list[int]]  # tokens generated so far: all three penalties count these
     generators: list[torch.Generator | None]  # seeded rows' own generator (on the logits' device)
+    banned: list[list[int]] | None = None  # per row, ids it may not sample now (min_tokens: EOS, stop ids)
 
     def __post_init__(self):
         lengths = {len(self.params), len(self.prompt_token_ids), len(self.output_token_ids),
@@ -129,7 +130,7 @@ class Sampler:
             return DeviceSample(ids, ids, [], 0)
         # [num_rows, vocab]; aliases the caller's tensor when already float32: nothing in-place
         raw = logits.to(torch.float32)
-        penalized = apply_logit_bias(apply_penalties(raw, batch), batch.params)
+        penalized = apply_bans(apply_logit_bias(apply_penalties(raw, batch), batch.params), batch.banned)
         token_ids = penalized.argmax(dim=-1)  # [num_rows]; kept for the greedy rows
         sampled = [i for i, p in enumerate(batch.params) if p.temperature >= GREEDY_TEMPERATURE]
         if sampled:
@@ -160,7 +161,8 @@ class Sampler:
         errors: dict[int, Exception] = {}
         for i in range(batch.num_rows):
             row = SamplingBatch([batch.params[i]], [batch.prompt_token_ids[i]],
-                                [batch.output_token_ids[i]], [batch.generators[i]])
+                                [batch.output_token_ids[i]], [batch.generators[i]],
+                                [batch.banned[i]] if batch.banned is not None else None)
             try:
                 one = self.sample(logits[i:i + 1], row).start_copy().result()
             except Exception as e:  # noqa: BLE001 - this row's own error, reported for it alone
@@ -213,6 +215,18 @@ def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torc
     device = logits.device
     return logits.index_put((to_device(rows, torch.long, device), to_device(tokens, torch.long, device)),
                             to_device(biases, torch.float32, device), accumulate=True)
+
+
+def apply_bans(logits: torch.Tensor, banned: list[list[int]] | None) -> torch.Tensor:
+    """[num_rows, vocab] -> each row's banned ids at -LOGIT_LIMIT (never argmax, probability 0
+    once scaled); a new tensor when any row bans something, ids outside [0, vocab) ignored."""
+    entries = [(row, t) for row, ids in enumerate(banned or ()) for t in ids if 0 <= t < logits.shape[1]]
+    if not entries:
+        return logits
+    rows, tokens = zip(*entries)
+    device = logits.device
+    index = (to_device(rows, torch.long, device), to_device(tokens, torch.long, device))
+    return logits.index_put(index, torch.full((len(rows),), -LOGIT_LIMIT, device=device))
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -74,6 +74,7 @@ class _SamplingRequest(_Strict):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM extension
     ignore_eos: bool = False  # vLLM extension
+    min_tokens: int | None = None  # vLLM extension: no EOS, stop token or stop string before this many tokens
     skip_special_tokens: bool = True  # vLLM extension
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -94,7 +95,7 @@ class _SamplingRequest(_Strict):
                  "repetition_penalty": self.repetition_penalty,
                  "presence_penalty": self.presence_penalty,
                  "frequency_penalty": self.frequency_penalty, "seed": self.seed,
-                 "stop": self.stop, "stop_token_ids": self.stop_token_ids}
+                 "stop": self.stop, "stop_token_ids": self.stop_token_ids, "min_tokens": self.min_tokens}
         kwargs = {**defaults, **{k: v for k, v in given.items() if v is not None}}
         if self.logit_bias:
             kwargs["logit_bias"] = self.logit_bias_ids()

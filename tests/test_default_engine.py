@@ -137,3 +137,20 @@ def test_cli_generate_streams_a_whole_answer_by_default(converted, capsys, monke
     want = default_llm.chat([{"role": "user", "content": question}],
                             SamplingParams(temperature=0, max_tokens=512))[0].outputs[0]
     assert len(want.token_ids) > 16 and printed == want.text + "\n"
+
+
+def test_a_chat_template_given_replaces_the_models(converted, monkeypatch, tmp_path):
+    monkeypatch.setenv("VATTENTION_CACHE", str(converted["cache"]))
+    source = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    path = tmp_path / "template.jinja"
+    path.write_text(source)
+    for value in (source, str(path)):
+        llm = LLM(device="cpu", chat_template=value, warm_up="off")
+        out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=2))[0]
+        assert out.prompt == "<user>Hi<assistant>"
+        assert out.prompt_token_ids == llm.tokenizer.encode(out.prompt, add_special_tokens=False)
+        llm.close()
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        LLM(device="cpu", chat_template=str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="does not parse"):
+        LLM(device="cpu", chat_template="{% for m in messages %}")

@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text for a prompt")
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
-                     help="wrap the prompt as a user message in the model's chat template, if any")
+    gen.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=True,
+                     help="wrap the prompt as a user message in the chat template, if the model has one")
     add_dataclass_args(gen, SamplingParams, skip=("output_kind",), only_given=True)
     _add_engine_args(gen)
 
@@ -115,7 +115,7 @@ def _generate(ns: argparse.Namespace) -> int:
     llm = LLM(**_engine_kwargs(ns))
     params = _sampling(ns, defaults=_cli_defaults(llm))
     tok = llm.tokenizer
-    chat = bool(ns.chat_template and tok is not None and tok.chat_template is not None)
+    chat = bool(ns.apply_chat_template and tok is not None and tok.chat_template is not None)
     prompt = [{"role": "user", "content": ns.prompt}] if chat else ns.prompt
     if params.n == 1 and tok is not None:
         _print_stream(llm, prompt, params, chat)

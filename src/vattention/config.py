@@ -24,6 +24,7 @@ class ModelConfig:
     generation_config: str = "auto"  # sampling defaults for what a request leaves unset: auto (the model's generation_config.json, as vLLM) or vattention (SamplingParams' own)
     enforce_eager: bool = False  # run every step eagerly; otherwise (one CUDA GPU, flash or triton attention) decode-only steps replay CUDA graphs
     max_graph_batch_size: int = 256  # largest decode batch captured as a CUDA graph (sizes 1, 2, 4, 8, 16, 24, ... up to it and max_num_seqs); larger batches run eagerly
+    chat_template: str | None = None  # a chat template replacing the model's: a file path or the Jinja text itself (as vllm serve --chat-template)
     warm_up: str = "auto"  # run a few throwaway requests at start (prefills alone, batched and over an earlier chunk or cached prefix, then decodes) so the kernels compile before the first real request: auto (on CUDA), on, off
 
     def __post_init__(self):

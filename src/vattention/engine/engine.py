@@ -47,6 +47,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         sc = config.scheduler
+        chat_template = None
+        if config.model.chat_template is not None:  # checked before anything starts
+            from ..models.tokenizer import compile_chat_template
+            chat_template = read_chat_template(config.model.chat_template)
+            compile_chat_template(chat_template)
         self.coordinator: Coordinator | None = None  # tensor parallel: rank 0's link to the others
         group = workers = None
         if config.parallel.tensor_parallel_size > 1:
@@ -71,6 +76,11 @@ class LLMEngine:
             self.runner.before_forward = self.coordinator.send
         arch = self.model.config
         self.tokenizer = _load_tokenizer(self.model_path)
+        if chat_template is not None:
+            if self.tokenizer is None:
+                self.close()
+                raise ValueError("chat_template was given, but this model has no tokenizer to use it with")
+            self.tokenizer.set_chat_template(chat_template)
         self.eos_token_ids = set(arch.eos_token_ids) | read_generation_eos(Path(self.model_path))
         if self.tokenizer is not None:
             self.eos_token_ids |= self.tokenizer.eos_token_ids
@@ -324,3 +334,13 @@ def _load_tokenizer(model_path: str):
         return None
     from ..models.tokenizer import Tokenizer
     return Tokenizer.from_dir(model_path)
+
+
+def read_chat_template(value: str) -> str:
+    """--chat-template's value: a file's text, or the template itself (it has Jinja markup)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")

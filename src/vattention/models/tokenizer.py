@@ -93,6 +93,11 @@ class Tokenizer:
         """The text of one token as a user would read it (a lone partial UTF-8 byte shows as U+FFFD)."""
         return self.backend.decode([token_id], skip_special_tokens=False)
 
+    def set_chat_template(self, source: str) -> None:
+        """Use `source` (Jinja, as in tokenizer_config.json) instead of the model's template;
+        a syntax error is a ValueError that says where."""
+        self.chat_template, self._template = source, compile_chat_template(source)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation, rendered as transformers renders it."""
         if self._template is None:
@@ -100,6 +105,14 @@ class Tokenizer:
                              "tokenizer_config.json); send a plain-text prompt instead")
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """The template, or a ValueError saying where it does not parse."""
+    try:
+        return _compile_template(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template does not parse: {e.message} (line {e.lineno})") from None
 
 
 def _compile_template(source: str) -> jinja2.Template:

@@ -15,6 +15,8 @@ FAMILIES = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),  # q/k/v bias
+    # per-head q/k RMSNorm, a head_dim that is not hidden / heads
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=24)),
 }
 
 
@@ -35,6 +37,11 @@ def make_checkpoint(family: str, path: Path, seed: int = 0, **overrides):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    if family == "qwen3":  # HF initialises the q/k norms to ones; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     assert json.loads((path / "config.json").read_text())["architectures"] == [model_cls]
     return model

@@ -1,5 +1,5 @@
 """ModelArchConfig: the decoder shape read from a Hugging Face config.json, for every Llama-family
-architecture we run (Llama 2/3, Mistral, Yi, Qwen2, SmolLM)."""
+architecture we run (Llama 2/3, Mistral, Yi, Qwen2, Qwen3, SmolLM)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": False,
     "YiForCausalLM": False,
     "Qwen2ForCausalLM": True,
+    "Qwen3ForCausalLM": False,
 }
+QK_NORM_ARCHITECTURES = {"Qwen3ForCausalLM"}  # an RMSNorm over each head's q and k, before rope
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ModelArchConfig:
     sliding_window: int | None  # Mistral v0.1: attention window; we cap the context at it
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    qk_norm: bool = False  # q and k RMS-normed per head before rope (Qwen3)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelArchConfig:
@@ -64,7 +67,8 @@ class ModelArchConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", SUPPORTED_ARCHITECTURES[arch])),
             mlp_bias=bool(cfg.get("mlp_bias", False)), sliding_window=window,
-            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids)
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
+            qk_norm=arch in QK_NORM_ARCHITECTURES)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelArchConfig:

@@ -1,9 +1,9 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Yi, Qwen2, SmolLM) over a flat batch of tokens,
+"""The Llama-family decoder (Llama 2/3, Mistral, Yi, Qwen2, Qwen3, SmolLM) over a flat batch of tokens,
 laid out as vLLM's: the residual stream is carried beside each layer's output and added inside
 the next norm.
 
     input_ids [T] ─ embed ─> x [T, hidden]          residual = x, x = norm(x)       (layer 0)
-      N x ( qkv_proj ─ rope(q, k), K/V into the cache ─ attention ─ o_proj
+      N x ( qkv_proj ─ [Qwen3: rmsnorm(q), rmsnorm(k) per head] ─ rope(q, k), K/V into the cache ─ attention ─ o_proj
             ─ x, residual = add_norm(x, residual)
             ─ gate_up_proj ─ silu(gate) * up ─ down_proj ─ x, residual = add_norm(x, residual) )
       ─> hidden [T, hidden] (the last add_norm is the final norm);  compute_logits(rows) ─> [rows, vocab]
@@ -140,12 +140,19 @@ class Attention(nn.Module):
         self.qkv_proj = MergedLinear(
             cfg.hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}, cfg.attention_bias)
         self.o_proj = RowParallelLinear(q_rows, cfg.hidden_size, False, comm)
+        if cfg.qk_norm:  # one weight over head_dim, shared by every head: whole on every rank
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, positions, rope, cache: LayerKV, meta: AttentionMetadata, backend):
         """rope: the step's Rope (inv_freq, and the eager path's cos/sin tables or None)."""
         t, d = x.shape[0], self.head_dim
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)  # views of [T, (H_q + 2 H_kv) * D]
         v = v.view(t, self.num_kv_heads, d)
+        if self.qk_norm:  # per head: rows of [T * H, D]
+            q = rms_norm(q.reshape(t * self.num_heads, d), self.q_norm.weight, self.q_norm.eps)
+            k = rms_norm(k.reshape(t * self.num_kv_heads, d), self.k_norm.weight, self.k_norm.eps)
         # rope(q), rope(k); rope(k) and v stored at the step's cache rows in the same pass
         q, k = rotary_qk_store(q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v,
                                positions, rope.inv_freq, cache.k_flat, cache.v_flat, meta.kv_write_index,

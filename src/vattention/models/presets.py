@@ -19,4 +19,9 @@ PRESETS: dict[str, dict] = {
                "num_hidden_layers": 60, "num_attention_heads": 56, "num_key_value_heads": 8,
                "vocab_size": 64000, "rope_theta": 5000000.0, "rms_norm_eps": 1e-5,
                "max_position_embeddings": 200000, "bos_token_id": 1, "eos_token_id": 2},
+    "qwen3-8b": {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 4096, "intermediate_size": 12288,
+                 "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "head_dim": 128, "vocab_size": 151936, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                 "max_position_embeddings": 40960, "tie_word_embeddings": False,
+                 "bos_token_id": 151643, "eos_token_id": 151645},
 }

@@ -17,6 +17,11 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),  # q/k/v bias
     # per-head q/k RMSNorm, a head_dim that is not hidden / heads
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=24)),
+    # fused qkv_proj / gate_up_proj in the checkpoint, LongRoPE (short factors, attention factor)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        tie_word_embeddings=False, sliding_window=None, original_max_position_embeddings=512, pad_token_id=0,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.25 * i for i in range(8)],
+                      "long_factor": [2.0 + i for i in range(8)]})),
 }
 
 

@@ -21,7 +21,7 @@ from vattention.models.loader import build_model, init_dummy, load_model, load_s
 from vattention.models.sharding import Shard
 
 from engine_helpers import FAMILIES, make_checkpoint
-from unfused_llama import greedy, load_unfused, prefill_logits
+from unfused_llama import checkpoint_state, greedy, load_unfused, prefill_logits
 
 DEVICE = os.environ.get("VATTENTION_TEST_DEVICE", "cpu")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -82,8 +82,8 @@ def test_merged_weights_are_the_stacked_checkpoint_tensors(checkpoint, world_siz
     """Every layer, every rank: qkv_proj = [its q rows; its k rows; its v rows] of q_proj/k_proj/
     v_proj (kv heads replicated when fewer than ranks), gate_up_proj = [its gate rows; its up
     rows], biases alike; every other parameter as in the checkpoint."""
-    full = load_file(str(checkpoint / "model.safetensors"))
     cfg = resolve_arch_config(checkpoint)
+    full = checkpoint_state(checkpoint, cfg)  # Phi-3's fused tensors split into their parts
     d = cfg.head_dim
     for rank in range(world_size):
         shard = Shard(rank, world_size)
@@ -133,19 +133,20 @@ def test_dummy_weights_have_the_merged_shapes(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     ("drop", r"lacks 1 weights, e\.g\. \['model\.layers\.1\.self_attn\.k_proj\.weight'\]"),
-    ("merged-name", r"tensor 'model\.layers\.0\.self_attn\.qkv_proj\.weight' matches no parameter"),
+    ("merged-name", r"model\.layers\.0\.self_attn\.[qkv]_proj\.weight is given twice"),
     ("extra", r"tensor 'model\.layers\.0\.mlp\.extra_proj\.weight' matches no parameter"),
     ("shape", r"model\.layers\.0\.mlp\.up_proj\.weight has shape \(127, 64\), the config implies \(128, 64\)"),
 ], ids=["missing-part", "merged-name", "unknown-name", "wrong-shape"])
 def test_loading_refuses_missing_unexpected_and_misshapen_tensors(tmp_path, change, message):
-    """Checkpoints name q/k/v and gate/up separately: a missing part, a tensor under our merged
-    name or any other unknown name, and a wrong shape are refused, naming the tensor."""
+    """Checkpoints name q/k/v and gate/up separately (or fused, as Phi-3's): a missing part, a
+    weight given both ways, an unknown name and a wrong shape are refused, naming the tensor."""
     make_checkpoint("llama", tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     if change == "drop":
         del state["model.layers.1.self_attn.k_proj.weight"]
-    elif change == "merged-name":
-        state["model.layers.0.self_attn.qkv_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"].clone()
+    elif change == "merged-name":  # the fused tensor beside its parts (as Phi-3 names it)
+        attn = "model.layers.0.self_attn."
+        state[attn + "qkv_proj.weight"] = torch.cat([state[attn + p + ".weight"] for p in ("q_proj", "k_proj", "v_proj")])
     elif change == "extra":
         state["model.layers.0.mlp.extra_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].clone()
     else:

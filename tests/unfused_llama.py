@@ -17,7 +17,7 @@ from vattention.attention import LayerKV
 from vattention.attention.backends import SDPABackend, write_kv
 from vattention.attention.metadata import build_contiguous_metadata
 from vattention.models.config import ModelArchConfig
-from vattention.models.llama import rope_inv_freq
+from vattention.models.llama import rope_attention_factor, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -48,11 +48,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # Qwen3
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, cache, meta, backend):
         t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         write_kv(cache, k, v, meta)  # before the fused step, the backends wrote K/V themselves
         out = backend.forward(q, k, v, cache, meta)
@@ -103,7 +110,8 @@ class UnfusedLlama(nn.Module):
         x = self.model.embed_tokens(input_ids)
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        scale = rope_attention_factor(self.config)  # LongRoPE scales cos and sin, as HF does
+        cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
         for layer, cache in zip(self.model.layers, caches):
             x = layer(x, cos, sin, cache, meta, backend)
         return self.model.norm(x)
@@ -116,9 +124,7 @@ def load_unfused(path: Path, device: torch.device | str, dtype: torch.dtype) -> 
     """The checkpoint's tensors under their own names (every one of them, and nothing more)."""
     cfg = ModelArchConfig.from_dir(path)
     model = UnfusedLlama(cfg)
-    state = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        state.update(load_file(str(file)))
+    state = checkpoint_state(path, cfg)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         state.pop("lm_head.weight", None)
@@ -128,6 +134,24 @@ def load_unfused(path: Path, device: torch.device | str, dtype: torch.dtype) -> 
     model = model.to(device=device, dtype=dtype).eval()
     model.inv_freq = rope_inv_freq(cfg).to(device)  # float32, as the engine keeps it
     return model
+
+
+def checkpoint_state(path: Path, cfg: ModelArchConfig) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint by name, Phi-3's fused qkv_proj / gate_up_proj split into
+    q/k/v and gate/up as the other families name them."""
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    for name in [n for n in state if n.endswith(("qkv_proj.weight", "gate_up_proj.weight"))]:
+        fused, head = state.pop(name), name.rsplit(".", 2)[0]  # Phi-3: split into the parts
+        if name.endswith("qkv_proj.weight"):
+            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            parts = {"q_proj": q, "k_proj": kv, "v_proj": kv}
+        else:
+            parts = {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+        for part, chunk in zip(parts, fused.split(list(parts.values()))):
+            state[f"{head}.{part}.weight"] = chunk
+    return state
 
 
 def empty_caches(model, num_rows: int) -> list[LayerKV]:

@@ -44,7 +44,7 @@ def build_rank(config: EngineConfig, group: TPGroup | None) -> RankState:
     shard = group.shard if group is not None else Shard()
     model = load_model(model_path, mc.load_format, device, dtype, mc.dummy_seed, shard, group)
     arch = model.config
-    limits = [arch.max_position_embeddings, arch.sliding_window, mc.max_model_len]
+    limits = [arch.max_position_embeddings, arch.sliding_window, arch.rope_context_limit, mc.max_model_len]
     max_model_len = min(x for x in limits if x)
     spec = KVCacheSpec(num_layers=arch.num_layers, num_kv_heads=shard.num_kv_heads(arch),
                        head_dim=arch.head_dim, dtype=dtype, max_seqs=sc.max_num_seqs,

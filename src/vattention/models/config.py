@@ -1,5 +1,5 @@
 """ModelArchConfig: the decoder shape read from a Hugging Face config.json, for every Llama-family
-architecture we run (Llama 2/3, Mistral, Yi, Qwen2, Qwen3, SmolLM)."""
+architecture we run (Llama 2/3, Mistral, Yi, Qwen2, Qwen3, Phi-3, SmolLM)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ SUPPORTED_ARCHITECTURES = {
     "YiForCausalLM": False,
     "Qwen2ForCausalLM": True,
     "Qwen3ForCausalLM": False,
+    "Phi3ForCausalLM": False,  # checkpoints hold qkv_proj and gate_up_proj fused (the loader splits them)
 }
 QK_NORM_ARCHITECTURES = {"Qwen3ForCausalLM"}  # an RMSNorm over each head's q and k, before rope
 
@@ -40,6 +41,16 @@ class ModelArchConfig:
     eos_token_ids: tuple[int, ...]
     qk_norm: bool = False  # q and k RMS-normed per head before rope (Qwen3)
 
+    @property
+    def rope_context_limit(self) -> int | None:
+        """LongRoPE (Phi-3): we rotate with the short factors, exact up to the original
+        context; past it Hugging Face switches every position to the long factors, which a KV
+        cache cannot follow, so the context is capped there."""
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) == "longrope":
+            return scaling["original_max_position_embeddings"]
+        return None
+
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelArchConfig:
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
@@ -57,6 +68,14 @@ class ModelArchConfig:
             params = cfg["rope_parameters"]  # transformers 5 writes rope settings here
             rope_scaling = params if params.get("rope_type", "default") != "default" else None
         rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        partial = cfg.get("partial_rotary_factor") or (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise ValueError(f"partial_rotary_factor={partial} (rotary over part of each head) is not supported")
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "longrope":
+            original = rope_scaling.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+            if not original:
+                raise ValueError("longrope rope scaling needs original_max_position_embeddings")
+            rope_scaling = {**rope_scaling, "original_max_position_embeddings": original}
         return cls(
             architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],

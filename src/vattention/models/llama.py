@@ -119,9 +119,23 @@ def rope_inv_freq(cfg: ModelArchConfig) -> torch.Tensor:
         inv_freq = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
     elif kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    elif kind == "longrope":  # the short factors: the context is capped at the original (config.py)
+        inv_freq = inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32)
     elif kind not in (None, "default"):
-        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: llama3, linear")
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: llama3, linear, longrope")
     return inv_freq
+
+
+def rope_attention_factor(cfg: ModelArchConfig) -> float:
+    """LongRoPE's scale of cos and sin (so of every q.k, squared), as Hugging Face computes it."""
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or cfg.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 class Rope(NamedTuple):
@@ -144,6 +158,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        # LongRoPE scales cos/sin of q and k by a: q.k by a^2, the same as scaling rope(q) alone
+        self.q_scale = rope_attention_factor(cfg) ** 2
 
     def forward(self, x, positions, rope, cache: LayerKV, meta: AttentionMetadata, backend):
         """rope: the step's Rope (inv_freq, and the eager path's cos/sin tables or None)."""
@@ -157,6 +173,8 @@ class Attention(nn.Module):
         q, k = rotary_qk_store(q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v,
                                positions, rope.inv_freq, cache.k_flat, cache.v_flat, meta.kv_write_index,
                                rope.cos_sin)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         out = backend.forward(q, k, v, cache, meta)  # [T, H_q, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 

@@ -92,10 +92,25 @@ def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
                     continue
+                source = f.get_slice(name)
+                parts = _fused_parts(name, targets)
+                if parts is not None:  # Phi-3's qkv_proj / gate_up_proj: the parts, row by row
+                    rows = [whole[p][0] for p in parts]
+                    shape = tuple(source.get_shape())
+                    if shape != (sum(rows), *whole[parts[0]][1:]):
+                        raise ValueError(f"{file.name}: {name} has shape {shape}, the config implies "
+                                         f"{(sum(rows), *whole[parts[0]][1:])}")
+                    offset = 0
+                    for part, n in zip(parts, rows):
+                        _refuse_twice(part, loaded, file.name)
+                        _copy_shard(targets[part], _Rows(source, offset, n), part, whole[part], model)
+                        loaded.add(part)
+                        offset += n
+                    continue
                 if name not in targets:
                     raise ValueError(f"{file.name}: tensor {name!r} matches no parameter of "
                                      f"{model.config.architecture}")
-                source = f.get_slice(name)
+                _refuse_twice(name, loaded, file.name)
                 if tuple(source.get_shape()) != tuple(whole[name]):
                     raise ValueError(f"{file.name}: {name} has shape {tuple(source.get_shape())}, "
                                      f"the config implies {tuple(whole[name])}")
@@ -104,6 +119,38 @@ def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
     missing = [n for n in targets if n not in loaded]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def _refuse_twice(name: str, loaded: set[str], file: str) -> None:
+    if name in loaded:
+        raise ValueError(f"{file}: {name} is given twice (fused and as its own tensor, or in two files)")
+
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _fused_parts(name: str, targets: dict) -> list[str] | None:
+    """The part names a fused checkpoint tensor (e.g. ...self_attn.qkv_proj.weight) holds, in
+    row order, when the model keeps them as separately named parts."""
+    prefix, _, rest = name.rpartition(".")
+    head, _, leaf = prefix.rpartition(".")
+    if leaf not in FUSED:
+        return None
+    parts = [f"{head}.{p}.{rest}" for p in FUSED[leaf]]
+    return parts if all(p in targets for p in parts) else None
+
+
+class _Rows:
+    """Rows [offset, offset + n) of a safetensors slice, sliced as the slice itself is."""
+
+    def __init__(self, source, offset: int, n: int):
+        self.source, self.offset, self.n = source, offset, n
+
+    def __getitem__(self, key):
+        rows = key[0] if isinstance(key, tuple) else key
+        start, stop, _ = rows.indices(self.n)
+        shifted = slice(self.offset + start, self.offset + stop)
+        return self.source[(shifted, *key[1:])] if isinstance(key, tuple) else self.source[shifted]
 
 
 def _copy_shard(dest: torch.Tensor, source, name: str, whole: torch.Size, model: LlamaForCausalLM) -> None:

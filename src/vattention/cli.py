@@ -18,7 +18,7 @@ from .config import ENGINE_CONFIGS
 from .sampling_params import SamplingParams
 from .server.cli import add_serve_args, run_serve
 
-CHAT_SKIP = ("n", "logprobs", "output_kind")
+CHAT_SKIP = ("n", "logprobs", "output_kind", "structured_outputs")
 CLI_MAX_TOKENS = 512  # generate/chat without --max-tokens: a whole answer, not SamplingParams' 16
 
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=True,
                      help="wrap the prompt as a user message in the chat template, if the model has one")
-    add_dataclass_args(gen, SamplingParams, skip=("output_kind",), only_given=True)
+    add_dataclass_args(gen, SamplingParams, skip=("output_kind", "structured_outputs"), only_given=True)
     _add_engine_args(gen)
 
     chat = sub.add_parser("chat", help="talk to the model (empty line or Ctrl-D ends)")

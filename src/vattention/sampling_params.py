@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the end-of-sequence token
     logprobs: int | None = None  # return the sampled token's logprob and this many top ones
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    structured_outputs: StructuredOutputs | None = None  # the output held to a JSON schema, any JSON, a regex or a choice (needs xgrammar)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before choosing, in [-100, 100] (OpenAI rule; logprobs stay the model's)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each output holds: everything so far, only what is new, or one output at the end (outputs.py)
 
@@ -44,6 +46,10 @@ class SamplingParams:
             self.top_k = 0
         self.logit_bias = dict(self.logit_bias or {})
         self.output_kind = RequestOutputKind(self.output_kind)  # also takes its value, e.g. "delta"
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputs(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise ValueError("invalid SamplingParams: structured_outputs must be a StructuredOutputs")
         checks = [
             (isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1"),
             (_finite(self.temperature) and self.temperature >= 0,
@@ -83,3 +89,33 @@ class SamplingParams:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """Exactly one of: a JSON schema (dict or its JSON text), any JSON object, a regex, a choice."""
+
+    json: dict | str | None = None  # a JSON schema the output must validate against
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
+    whitespace: bool = False  # JSON: allow free whitespace between tokens (a sampler may then wander in it)
+
+    def __post_init__(self):
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None]
+        if sum(given) != 1:
+            raise ValueError("invalid SamplingParams: structured_outputs takes exactly one of json, "
+                             "json_object, regex, choice")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("invalid SamplingParams: structured_outputs choice must be non-empty strings")
+        if isinstance(self.json, str):
+            try:
+                json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"invalid SamplingParams: structured_outputs json is not JSON: {e}") from None
+
+    def key(self) -> tuple:
+        schema = json.dumps(self.json, sort_keys=True) if isinstance(self.json, dict) else self.json
+        return (schema, self.json_object, self.regex, self.choice, self.whitespace)

@@ -95,6 +95,7 @@ class LLMEngine:
         self.limits = RequestLimits(self.max_model_len, self.max_request_tokens, arch.vocab_size,
                                     self.tokenizer.max_chars_per_token if self.tokenizer is not None else None)
         self.last_step: StepTiming | None = None
+        self._grammars = None  # structured outputs' compiler and cache, made on first use
         self._groups: dict[str, list[Request]] = {}  # request id -> its n samples
         self._ids = itertools.count()
         self.peak_bytes_used = 0  # most KV bytes holding tokens after any step
@@ -151,18 +152,36 @@ class LLMEngine:
         self.limits.check_params(params)
         room = self.limits.room(len(prompt_ids))
         max_tokens = min(params.max_tokens or room, room)
+        matchers = self._matchers(params)  # a schema that does not compile is this request's 400
         group = []
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             req = Request(f"{request_id}#{i}", prompt_ids, params, self.eos_token_ids, max_tokens,
-                          prompt=text, sample_index=i, generator=gen, cache_salt=cache_salt)
+                          prompt=text, sample_index=i, generator=gen, cache_salt=cache_salt,
+                          matcher=matchers[i] if matchers else None)
             group.append(req)
         for req in group:
             self.scheduler.add(req)
         self._groups[request_id] = group
         return request_id
+
+    def _matchers(self, params: SamplingParams) -> list | None:
+        """One grammar matcher a sample, for structured outputs; ValueError when they cannot run."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need the model's tokenizer; this model has none")
+        if self._grammars is None:
+            from .structured import Grammars, xgrammar_missing
+            missing = xgrammar_missing()
+            if missing is not None:
+                raise ValueError(missing)
+            self._grammars = self.runner.grammars = Grammars(self.tokenizer, self.limits.vocab_size,
+                                                             self.eos_token_ids)
+        return [self._grammars.matcher(spec) for _ in range(params.n)]
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):

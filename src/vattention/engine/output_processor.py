@@ -40,6 +40,11 @@ class OutputProcessor:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens)
             req.text += req.detokenizer.step(token)
         reason = self._stop_reason(req, token, previous)
+        if req.matcher is not None and reason is None:
+            if not req.matcher.accept_token(token):
+                raise ValueError(f"token {token} breaks the request's structured-output grammar")
+            if req.matcher.is_terminated():
+                reason = "stop"  # the grammar is complete (its stop token, or nothing may follow)
         if reason is not None and req.detokenizer is not None and not isinstance(req.stop_reason, str):
             req.text += req.detokenizer.flush()  # e.g. a character the last token left incomplete
         return reason

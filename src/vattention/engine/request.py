@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,7 @@ class Request:
     first_token_time: float | None = None
     scheduled_time: float | None = None  # when it was first admitted (left the queue)
     detokenizer: IncrementalDetokenizer | None = None  # made by the output processor at the first token
+    matcher: Any = None  # structured outputs: its grammar matcher (xgrammar), fed every token
     num_sent_tokens: int = 0  # DELTA outputs: output tokens (and their logprobs) handed out so far
     num_sent_chars: int = 0  # DELTA outputs: characters of text handed out so far
     done_sent: bool = False  # its last output (finished) has been handed out

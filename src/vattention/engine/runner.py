@@ -66,6 +66,7 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.before_forward = before_forward  # tensor parallel: send the step to the other ranks
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode-only steps, when enabled
+        self.grammars = None  # structured outputs' Grammars (engine/structured.py), once a request asks
         # int64: ids, positions, write rows, sample rows, pending rows; int32: per-sequence
         # arrays and (paged) block tables of every sequence at the longest context
         per_token, per_seq = 5 * max_num_batched_tokens, 4 * (max_num_seqs + 1)
@@ -102,12 +103,20 @@ class ModelRunner:
                               prompt_token_ids=[r.prompt_token_ids for r in reqs],
                               output_token_ids=[r.output_token_ids for r in reqs],
                               generators=[r.generator for r in reqs],
-                              banned=[_banned(r) for r in reqs])
+                              banned=[_banned(r) for r in reqs],
+                              allowed=self._allowed(reqs))
         with torch.inference_mode():
             sample, errors = self.sampler.sample_isolated(logits, batch)
         self._last_ids = sample.token_ids
         failed = {reqs[i].request_id: f"sampling failed: {type(e).__name__}: {e}" for i, e in errors.items()}
         return PendingSample([r.request_id for r in reqs], sample.start_copy(), failed)
+
+    def _allowed(self, reqs) -> torch.Tensor | None:
+        """Structured outputs: the rows' next-token bitmask (rows without a grammar allow all)."""
+        matchers = [r.matcher for r in reqs]
+        if self.grammars is None or all(m is None for m in matchers):
+            return None
+        return self.grammars.bitmask(matchers)
 
     def step_inputs(self, sched: SchedulerOutput) -> StepInputs:
         """The step in plain values. A token past what the host knows (prompt + output so far)
@@ -164,3 +173,4 @@ def _banned(req) -> list[int]:
     if len(req.output_token_ids) >= req.params.min_tokens:
         return []
     return sorted(set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else req.eos_token_ids))
+

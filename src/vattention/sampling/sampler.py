@@ -2,7 +2,7 @@
 
 Per row, in this order (vLLM / HF / OpenAI semantics):
 
-    raw logits ──► penalties ──► logit_bias ──► bans (min_tokens) ──► greedy rows: argmax
+    raw logits ──► penalties ──► logit_bias ──► bans (min_tokens) ──► grammar mask ──► greedy rows: argmax
         │          (repetition, frequency, presence)
         │                   └──► sampled rows: / temperature ─► top-k ─► top-p ─► min-p ─► draw
         └──► logprobs / top_logprobs (log_softmax of the raw logits, never of the processed ones)
@@ -50,6 +50,7 @@ class SamplingBatch:
     output_token_ids: list[list[int]]  # tokens generated so far: all three penalties count these
     generators: list[torch.Generator | None]  # seeded rows' own generator (on the logits' device)
     banned: list[list[int]] | None = None  # per row, ids it may not sample now (min_tokens: EOS, stop ids)
+    allowed: torch.Tensor | None = None  # structured outputs: [rows, vocab/32] int32 bitmask (xgrammar's) of allowed ids
 
     def __post_init__(self):
         lengths = {len(self.params), len(self.prompt_token_ids), len(self.output_token_ids),
@@ -131,6 +132,8 @@ class Sampler:
         # [num_rows, vocab]; aliases the caller's tensor when already float32: nothing in-place
         raw = logits.to(torch.float32)
         penalized = apply_bans(apply_logit_bias(apply_penalties(raw, batch), batch.params), batch.banned)
+        if batch.allowed is not None:
+            penalized = apply_allowed(penalized.clone() if penalized is raw else penalized, batch.allowed)
         token_ids = penalized.argmax(dim=-1)  # [num_rows]; kept for the greedy rows
         sampled = [i for i, p in enumerate(batch.params) if p.temperature >= GREEDY_TEMPERATURE]
         if sampled:
@@ -162,7 +165,8 @@ class Sampler:
         for i in range(batch.num_rows):
             row = SamplingBatch([batch.params[i]], [batch.prompt_token_ids[i]],
                                 [batch.output_token_ids[i]], [batch.generators[i]],
-                                [batch.banned[i]] if batch.banned is not None else None)
+                                [batch.banned[i]] if batch.banned is not None else None,
+                                batch.allowed[i:i + 1] if batch.allowed is not None else None)
             try:
                 one = self.sample(logits[i:i + 1], row).start_copy().result()
             except Exception as e:  # noqa: BLE001 - this row's own error, reported for it alone
@@ -227,6 +231,16 @@ def apply_bans(logits: torch.Tensor, banned: list[list[int]] | None) -> torch.Te
     device = logits.device
     index = (to_device(rows, torch.long, device), to_device(tokens, torch.long, device))
     return logits.index_put(index, torch.full((len(rows),), -LOGIT_LIMIT, device=device))
+
+
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """[num_rows, vocab], in place: tokens the bitmask disallows to -inf, with xgrammar's kernel
+    for the logits' device (the mask crosses to it in one copy)."""
+    import xgrammar
+    if logits.device.type == "cuda":
+        allowed = allowed.pin_memory().to(logits.device, non_blocking=True)
+    xgrammar.apply_token_bitmask_inplace(logits, allowed, vocab_size=logits.shape[1])
+    return logits
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..outputs import Logprob, RequestOutputKind
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, StructuredOutputs
 
 # ---- errors ---------------------------------------------------------------------------------
 
@@ -47,6 +47,30 @@ class APIError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class JSONSchemaFormat(_Strict):
+    name: str = Field(default="schema", max_length=64)
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")  # a JSON schema
+    strict: bool | None = None  # accepted: the output always follows the schema here
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or
+    json_schema (the output validates against the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's structured_outputs request field: exactly one of these."""
+
+    json_: dict | str | None = Field(default=None, alias="json")
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
 
 
 class StreamOptions(_Strict):
@@ -84,6 +108,7 @@ class _SamplingRequest(_Strict):
     service_tier: str | None = None
     cache_salt: str | None = Field(default=None, min_length=1)  # vLLM extension: only requests with the same salt share cached prefixes
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias in [-100, 100]
+    structured_outputs: StructuredOutputsField | None = None  # vLLM extension: json schema, json_object, regex or choice
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, param_names: dict[str, str],
                          defaults: dict) -> SamplingParams:
@@ -97,6 +122,13 @@ class _SamplingRequest(_Strict):
                  "frequency_penalty": self.frequency_penalty, "seed": self.seed,
                  "stop": self.stop, "stop_token_ids": self.stop_token_ids, "min_tokens": self.min_tokens}
         kwargs = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+        structured = self._structured()
+        if structured is not None:
+            try:
+                kwargs["structured_outputs"] = StructuredOutputs(**structured)
+            except ValueError as e:
+                raise APIError(400, str(e).removeprefix("invalid SamplingParams: "),
+                               param=self._structured_param) from None
         if self.logit_bias:
             kwargs["logit_bias"] = self.logit_bias_ids()
         try:
@@ -111,6 +143,16 @@ class _SamplingRequest(_Strict):
             field = m.group(1) if m else None
             raise APIError(400, str(e).removeprefix("invalid SamplingParams: "),
                            param=param_names.get(field, field)) from None
+
+    _structured_param = "structured_outputs"
+
+    def _structured(self) -> dict | None:
+        """StructuredOutputs' fields from the request, or None."""
+        s = self.structured_outputs
+        if s is None:
+            return None
+        return {k: v for k, v in dict(json=s.json_, json_object=s.json_object, regex=s.regex,
+                                      choice=s.choice).items() if v not in (None, False)}
 
     def logit_bias_ids(self) -> dict[int, float]:
         """logit_bias with integer keys; a key that is not a token id is a 400."""
@@ -179,6 +221,20 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None  # None (with max_tokens None) = up to the context
     logprobs: bool = False  # return each output token's logprob
     top_logprobs: int | None = None  # and this many most likely tokens at each position
+    response_format: ResponseFormat | None = None  # OpenAI's: text, json_object or json_schema
+
+    def _structured(self) -> dict | None:
+        f = self.response_format
+        if f is None or f.type == "text":
+            return super()._structured()
+        if self.structured_outputs is not None:
+            raise APIError(400, "give response_format or structured_outputs, not both", param="response_format")
+        self._structured_param = "response_format"
+        if f.type == "json_object":
+            return {"json_object": True}
+        if f.json_schema is None:
+            raise APIError(400, "response_format json_schema needs its json_schema", param="response_format")
+        return {"json": f.json_schema.schema_ or {"type": "object"}}
 
     @property
     def requested_max_tokens(self) -> int | None:

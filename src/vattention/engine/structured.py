@@ -18,6 +18,7 @@ requests send it). The vocabulary is the tokenizer's, padded to the model's logi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from typing import Any
 
@@ -28,9 +29,7 @@ from ..sampling_params import StructuredOutputs
 
 def xgrammar_missing() -> str | None:
     """Why structured outputs cannot run here, or None."""
-    try:
-        import xgrammar  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("xgrammar") is None:
         return "structured outputs need xgrammar: pip install 'vattention[structured]'"
     return None
 

@@ -98,12 +98,13 @@ class Tokenizer:
         a syntax error is a ValueError that says where."""
         self.chat_template, self._template = source, compile_chat_template(source)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         """The prompt text for a conversation, rendered as transformers renders it."""
         if self._template is None:
             raise ValueError("this model has no chat template (no chat_template in its "
                              "tokenizer_config.json); send a plain-text prompt instead")
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 

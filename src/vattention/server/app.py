@@ -37,6 +37,9 @@ from .errors import add_error_handlers, bearer_check, parse_body
 from .limits import BodyLimitMiddleware
 from .metrics import ServerMetrics
 from .stats_log import log_stats
+from .tools import ToolCallDelta
+from .tools import for_template as tools_for_template
+from .tools import parse as parse_tool_calls
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatCompletionChunk,
                        ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatStreamChoice,
                        CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
@@ -190,15 +193,30 @@ class OpenAIServer:
     async def chat(self, request: HTTPRequest) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
         self._check_model(body.model)
-        prompt_ids = await self._chat_prompt(body.messages, add_generation_prompt=True)
+        body.check_tools()
+        tools = tools_for_template(body.tools) if body.tools_on else None
+        prompt_ids = await self._chat_prompt(body.messages, add_generation_prompt=True, tools=tools)
         params = self._sampling_params(body, body.requested_max_tokens, len(prompt_ids), "messages")
         [gen] = await self._submit("chatcmpl", [(prompt_ids, params)], body.cache_salt)
+        constrained = body.tool_schema is not None
+        names = {t.function.name for t in body.tools or []}
+        held: dict[int, list[str]] = {}  # tool streams: each choice's text until it ends
 
-        def chunk(d: ChoiceDelta) -> ChatCompletionChunk:
+        def chunk(d: ChoiceDelta) -> ChatCompletionChunk | None:
             logprobs = None if d.logprobs is None else chat_logprobs(d.logprobs, d.top_logprobs)
-            delta = DeltaMessage(role="assistant" if d.first else None, content=d.text or None)
+            content, calls, finish = d.text or None, None, d.finish_reason
+            if body.tools_on:
+                held.setdefault(d.index, []).append(d.text)
+                if finish is None and not d.first:
+                    return None
+                content = None
+                if finish is not None:
+                    content, found = parse_tool_calls("".join(held.pop(d.index)), constrained, names)
+                    calls = [ToolCallDelta(index=i, **c.model_dump()) for i, c in enumerate(found)] or None
+                    finish = "tool_calls" if found else finish
+            delta = DeltaMessage(role="assistant" if d.first else None, content=content, tool_calls=calls)
             choice = ChatStreamChoice(index=d.index, delta=delta, logprobs=logprobs,
-                                      finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+                                      finish_reason=finish, stop_reason=d.stop_reason)
             return ChatCompletionChunk(id=gen.request_id, created=gen.created,
                                        model=self.model_name, choices=[choice])
 
@@ -210,10 +228,16 @@ class OpenAIServer:
         out = await unless_disconnected(request, gen.final())
         if out is None:
             return Response(status_code=499)
-        choices = [ChatChoice(
-            index=c.index, message=AssistantMessage(content=c.text),
-            logprobs=None if c.logprobs is None else chat_logprobs(c.logprobs, c.top_logprobs),
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            content, calls, finish = c.text, [], c.finish_reason
+            if body.tools_on:
+                content, calls = parse_tool_calls(c.text, constrained, names)
+                finish = "tool_calls" if calls else finish
+            choices.append(ChatChoice(
+                index=c.index, message=AssistantMessage(content=content, tool_calls=calls or None),
+                logprobs=None if c.logprobs is None else chat_logprobs(c.logprobs, c.top_logprobs),
+                finish_reason=finish, stop_reason=c.stop_reason))
         return _json(ChatCompletionResponse(id=gen.request_id, created=gen.created,
                                             model=self.model_name, choices=choices,
                                             usage=usage_of([gen])))
@@ -250,13 +274,15 @@ class OpenAIServer:
             prompts.append((ids, text))
         return prompts
 
-    async def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                           tools: list[dict] | None = None) -> list[int]:
         tokenizer = self._need_tokenizer()
         conversation = [m.for_template() for m in messages]
         self.limits.check_text_length(sum(len(m.get("content") or "") for m in conversation), "messages")
 
         def render_and_encode() -> list[int]:
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                 tools=tools)
             # The template already holds the BOS text; encode without adding special tokens again.
             return tokenizer.encode(text, add_special_tokens=False)
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..outputs import Logprob, RequestOutputKind
 from ..sampling_params import SamplingParams, StructuredOutputs
+from .tools import NamedToolChoice, ToolCall, ToolCallDelta, ToolDef, call_schema
 
 # ---- errors ---------------------------------------------------------------------------------
 
@@ -222,8 +223,38 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False  # return each output token's logprob
     top_logprobs: int | None = None  # and this many most likely tokens at each position
     response_format: ResponseFormat | None = None  # OpenAI's: text, json_object or json_schema
+    tools: list[ToolDef] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
+
+    @property
+    def tools_on(self) -> bool:
+        """Tools are rendered and calls parsed (tools given, tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def tool_schema(self) -> dict | None:
+        return call_schema(self.tools or [], self.tool_choice, self.parallel_tool_calls) if self.tools_on else None
+
+    def check_tools(self) -> None:
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and \
+                self.tool_choice.function.name not in {t.function.name for t in self.tools or []}:
+            raise APIError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is not "
+                                f"among the tools", param="tool_choice")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise APIError(400, "tools must have distinct names", param="tools")
 
     def _structured(self) -> dict | None:
+        schema = self.tool_schema
+        if schema is not None:
+            if self.response_format is not None and self.response_format.type != "text":
+                raise APIError(400, "a required or named tool_choice cannot be combined with "
+                                    "response_format", param="tool_choice")
+            self._structured_param = "tool_choice"
+            return {"json": schema}
         f = self.response_format
         if f is None or f.type == "text":
             return super()._structured()
@@ -323,6 +354,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -345,6 +377,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None  # "assistant" in each choice's first chunk
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -136,7 +136,7 @@ def usage_of(gens: list[Generation]) -> UsageInfo:
 
 
 async def sse_events(gens: list[Generation], trackers: list[DeltaTracker],
-                     chunk: Callable[[ChoiceDelta, int], BaseModel], usage_chunk: BaseModel,
+                     chunk: Callable[[ChoiceDelta, int], BaseModel | None], usage_chunk: BaseModel,
                      include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events for one request's generations (one per prompt of a batched request):
     chunk(delta, prompt index) per choice that progressed, in the order they progress; then
@@ -145,7 +145,9 @@ async def sse_events(gens: list[Generation], trackers: list[DeltaTracker],
     try:
         async for i, out in _merged(gens):
             for delta in trackers[i].update(out):
-                yield _event(chunk(delta, i))
+                c = chunk(delta, i)
+                if c is not None:  # None: held back (a tool-call stream sends its choice at the end)
+                    yield _event(c)
         if include_usage:
             usage_chunk.usage = usage_of(gens)
             yield _event(usage_chunk)

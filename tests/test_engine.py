@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from vattention import LLM, SamplingParams
 
@@ -187,6 +188,31 @@ def test_min_tokens_holds_back_eos_and_stop_ids_and_the_rest_is_unchanged(checkp
     assert stop_at not in out.token_ids[:3] and len(out.token_ids) >= 3
     if stop_at not in free[:1]:
         assert out.token_ids[0] == free[0]  # before the ban bites, the model's own choice
+
+
+@pytest.mark.parametrize("options", [dict(), dict(max_num_batched_tokens=7), dict(kv_cache="paged", block_size=4)],
+                         ids=["whole", "chunked", "paged"])
+def test_prompt_logprobs_equal_hf_and_never_come_from_the_cache(checkpoint, options):
+    """Each prompt token's logprob (from the second) and the top 3 at each position, against a
+    full HF forward, with the prompt in one step or in chunks of 7 tokens; run twice so the
+    second finds its prefix cached, which a prompt-logprobs request must not use."""
+    path, hf = checkpoint
+    llm = make_llm(path, **options)
+    prompt = PROMPTS[1] + PROMPTS[0]
+    with torch.no_grad():
+        want = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].double(), dim=-1)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    for _ in range(2):
+        out, = llm.generate([prompt], params)
+        assert out.num_cached_tokens == 0 and out.prompt_logprobs[0] is None
+        assert len(out.prompt_logprobs) == len(prompt) == len(out.prompt_top_logprobs)
+        for i, (lp, top) in enumerate(zip(out.prompt_logprobs[1:], out.prompt_top_logprobs[1:])):
+            assert lp.token_id == prompt[i + 1]
+            assert abs(lp.logprob - want[i, prompt[i + 1]].item()) < 1e-4, i
+            assert [t.token_id for t in top] == want[i].topk(3).indices.tolist(), i
+            assert max(abs(t.logprob - want[i, t.token_id].item()) for t in top) < 1e-4
+    plain, = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2))
+    assert plain.prompt_logprobs is None and plain.outputs[0].token_ids == out.outputs[0].token_ids
 
 
 def test_bad_input_is_refused_and_others_keep_running(tmp_path):

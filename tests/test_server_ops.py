@@ -13,6 +13,8 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import needs_model  # noqa: E402
+
 from vattention import __version__  # noqa: E402
 from vattention.config import EngineConfig  # noqa: E402
 from vattention.engine.stats import EngineStats  # noqa: E402
@@ -130,3 +132,34 @@ def test_min_tokens_reaches_the_engine_and_is_checked(engine):
         assert long["usage"]["completion_tokens"] == 6 and long["choices"][0]["finish_reason"] == "stop"
         r = c.post("/v1/completions", json={**BODY, "min_tokens": 9})  # more than max_tokens (3)
         assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text
+
+
+@needs_model
+def test_echo_with_logprobs_scores_the_prompt_as_harnesses_ask(converted, monkeypatch):
+    """lm-eval's loglikelihood request: echo, logprobs, max_tokens 1. The prompt's tokens come
+    first in logprobs (the first one null), each logprob the engine's prompt_logprobs."""
+    from vattention import LLM, SamplingParams
+    monkeypatch.setenv("VATTENTION_CACHE", str(converted["cache"]))
+    config = EngineConfig.from_kwargs(device="cpu", load_format="dummy", warm_up="off")
+    engine = AsyncEngine(config)
+    engine.start()
+    text = "The capital of France is Paris"
+    try:
+        with TestClient(build_app(engine, "m")) as c:
+            r = c.post("/v1/completions", json={"model": "m", "prompt": text, "max_tokens": 1, "echo": True,
+                                                "logprobs": 1, "temperature": 0})
+            assert r.status_code == 200, r.text
+            lp = r.json()["choices"][0]["logprobs"]
+            streamed = c.post("/v1/completions", json={"model": "m", "prompt": text, "max_tokens": 1,
+                                                       "echo": True, "logprobs": 1, "stream": True})
+            assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "echo"
+    finally:
+        engine.shutdown(5)
+    llm = LLM(device="cpu", load_format="dummy", warm_up="off")
+    ids = llm.tokenizer.encode(text)
+    want = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))[0]
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for got, expected in zip(lp["token_logprobs"][1:len(ids)], want.prompt_logprobs[1:]):
+        assert abs(got - expected.logprob) < 1e-5
+    assert "".join(lp["tokens"][:len(ids)]) == text
+    assert lp["text_offset"][len(ids)] == len(text)  # the completion starts after the echo

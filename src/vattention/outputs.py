@@ -56,6 +56,11 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose KV was reused instead of computed
     first_token_time: float | None = None  # time.monotonic() when the engine had the first token of any sample
     scheduled_time: float | None = None  # time.monotonic() when the engine first admitted any sample
+    # with SamplingParams.prompt_logprobs: each prompt token's logprob (None for the first, which
+    # nothing predicts) and, per token, the most likely tokens at its position (vLLM's shape,
+    # as lists); complete once the request has finished its prompt
+    prompt_logprobs: list[Logprob | None] | None = None
+    prompt_top_logprobs: list[list[Logprob]] | None = None
 
     @property
     def error(self) -> str | None:

@@ -32,6 +32,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the output
     ignore_eos: bool = False  # keep going past the end-of-sequence token
     logprobs: int | None = None  # return the sampled token's logprob and this many top ones
+    prompt_logprobs: int | None = None  # also each prompt token's logprob (from the second on) and this many top ones; such a request computes its whole prompt (no cached prefix)
     skip_special_tokens: bool = True  # leave special tokens out of the text
     structured_outputs: StructuredOutputs | None = None  # the output held to a JSON schema, any JSON, a regex or a choice (needs xgrammar)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before choosing, in [-100, 100] (OpenAI rule; logprobs stay the model's)
@@ -68,6 +69,9 @@ class SamplingParams:
              f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens}"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              "logprobs must be an integer in [0, 20]"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                              and 0 <= self.prompt_logprobs <= 20),
+             "prompt_logprobs must be an integer in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),

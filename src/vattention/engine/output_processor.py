@@ -90,6 +90,9 @@ def make_request_output(group: list[Request]) -> RequestOutput | None:
     finished = all(r.finished for r in group)
     if kind is RequestOutputKind.FINAL_ONLY and not finished:
         return None
+    # prompt logprobs: in every output, or (DELTA) in the first one, when the prompt is done
+    with_prompt = first.params.prompt_logprobs is not None and (
+        kind is not RequestOutputKind.DELTA or all(r.num_sent_tokens == 0 for r in group))
     if kind is RequestOutputKind.DELTA:
         outputs = [_delta(r) for r in group if _has_news(r)]
         if not outputs:
@@ -103,7 +106,18 @@ def make_request_output(group: list[Request]) -> RequestOutput | None:
     return RequestOutput(request_id=first.request_id.rsplit("#", 1)[0], prompt=first.prompt,
                          prompt_token_ids=first.prompt_token_ids, outputs=outputs, finished=finished,
                          first_token_time=min(times, default=None), scheduled_time=min(admitted, default=None),
-                         num_cached_tokens=max(r.num_cached_tokens for r in group))
+                         num_cached_tokens=max(r.num_cached_tokens for r in group),
+                         **(_prompt_logprobs(first) if with_prompt else {}))
+
+
+def _prompt_logprobs(r: Request) -> dict:
+    """RequestOutput's prompt_logprobs / prompt_top_logprobs (token text is left to the caller)."""
+    if len(r.prompt_logprobs) < len(r.prompt_token_ids) - 1:
+        return {}  # not all of the prompt computed yet
+    entries = r.prompt_logprobs[:len(r.prompt_token_ids) - 1]
+    own = [None] + [Logprob(t, lp) for t, (lp, _) in zip(r.prompt_token_ids[1:], entries)]
+    top = [[]] + [[Logprob(i, v) for i, v in alternatives] for _, alternatives in entries]
+    return {"prompt_logprobs": own, "prompt_top_logprobs": top}
 
 
 def _cumulative(r: Request) -> CompletionOutput:

@@ -58,6 +58,8 @@ class Request:
     scheduled_time: float | None = None  # when it was first admitted (left the queue)
     detokenizer: IncrementalDetokenizer | None = None  # made by the output processor at the first token
     matcher: Any = None  # structured outputs: its grammar matcher (xgrammar), fed every token
+    # prompt_logprobs: entry i is prompt token i+1's (logprob, [(id, logprob) most likely first])
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     num_sent_tokens: int = 0  # DELTA outputs: output tokens (and their logprobs) handed out so far
     num_sent_chars: int = 0  # DELTA outputs: characters of text handed out so far
     done_sent: bool = False  # its last output (finished) has been handed out

@@ -126,8 +126,8 @@ class Scheduler:
 
     def _match_prefix(self, req: Request, out: SchedulerOutput) -> PrefixHit | None:
         unit = self.kv.cache_unit
-        if not unit or req.num_computed_tokens:
-            return None
+        if not unit or req.num_computed_tokens or req.params.prompt_logprobs is not None:
+            return None  # prompt logprobs need every prompt position computed
         try:
             return self.kv.match_prefix(self._keyed_tokens(req), req.prefix_keys, req.cache_salt)
         except Exception as e:  # noqa: BLE001 - this request's alone
@@ -190,6 +190,9 @@ class Scheduler:
         after the step was scheduled (aborted, or stopped by the step before) is discarded."""
         touched = list(sched.failed)
         for item in sched.scheduled:
+            got = result.prompt_logprobs.get(item.request.request_id)
+            if got is not None and got[0] == len(item.request.prompt_logprobs):  # (a recompute repeats none)
+                item.request.prompt_logprobs += got[1]
             if not item.samples:
                 continue
             req = item.request

@@ -41,6 +41,9 @@ class StepResult:
 
     sampled: dict[str, SampledToken]  # request id -> its new token (requests whose chunk completed)
     failed: dict[str, str]  # request id -> why choosing its token failed (only that request ends)
+    # request id -> (first prompt position, [(logprob of the token after it, [(id, logprob) most
+    # likely first]) for each position of the step's chunk]): prompt logprobs, when asked for
+    prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,3 +58,7 @@ class StepInputs:
     sample_rows: list[int]  # rows whose logits are sampled (last token of each finishing chunk)
     pending_rows: list[int] = field(default_factory=list)  # rows whose token id is still on the device ...
     pending_from: list[int] = field(default_factory=list)  # ... at this row of the previous step's sample
+    prompt_rows: list[int] = field(default_factory=list)  # rows whose next prompt token's logprob is asked for
+    prompt_targets: list[int] = field(default_factory=list)  # ... that token, row by row
+    prompt_top: int = 0  # most likely tokens to return at each of those rows
+    prompt_spans: list[tuple[str, int, int]] = field(default_factory=list)  # (request, first position, rows)

@@ -44,7 +44,8 @@ from .protocol import (APIError, AssistantMessage, ChatChoice, ChatCompletionChu
                        ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatStreamChoice,
                        CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
                        DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-                       TokenizeRequest, TokenizeResponse, chat_logprobs, completion_logprobs)
+                       TokenizeRequest, TokenizeResponse, chat_logprobs, completion_logprobs,
+                       prompt_completion_logprobs)
 from .stream import (ChoiceDelta, DeltaTracker, Generation, finals, sse_events, unless_disconnected,
                      usage_of)
 
@@ -178,11 +179,16 @@ class OpenAIServer:
         if outs is None:
             return Response(status_code=499)  # nobody is listening
         choices = []
-        for p, (out, (_, _, echo)) in enumerate(zip(outs, submissions)):
+        for p, (out, (prompt_ids, _, echo)) in enumerate(zip(outs, submissions)):
             for c in out.outputs:
                 logprobs = None
                 if c.logprobs is not None:
                     logprobs = completion_logprobs(c.logprobs, c.top_logprobs, len(echo))
+                    if out.prompt_logprobs is not None:  # echo: the prompt's tokens come first
+                        head = prompt_completion_logprobs(prompt_ids, out.prompt_logprobs, out.prompt_top_logprobs,
+                                                          self._need_tokenizer().token_to_str)
+                        for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
+                            setattr(logprobs, name, getattr(head, name) + getattr(logprobs, name))
                 choices.append(CompletionChoice(index=p * n + c.index, text=echo + c.text,
                                                 logprobs=logprobs, finish_reason=c.finish_reason,
                                                 stop_reason=c.stop_reason))

@@ -187,10 +187,13 @@ class CompletionRequest(_SamplingRequest):
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise APIError(400, f"best_of={self.best_of} is not supported (only best_of equal to n, "
                                 f"{self.n or 1})", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)",
-                           param="echo")
-        return self._sampling_params(max_tokens, self.logprobs, {}, defaults)
+        if self.echo and self.logprobs is not None and self.stream:
+            raise APIError(400, "echo with logprobs is not supported when streaming (the prompt's "
+                                "logprobs come in a non-streamed response)", param="echo")
+        params = self._sampling_params(max_tokens, self.logprobs, {}, defaults)
+        if self.echo and self.logprobs is not None:  # what evaluation harnesses score prompts with
+            params.prompt_logprobs = self.logprobs
+        return params
 
 
 class ContentPart(BaseModel):
@@ -434,6 +437,21 @@ def completion_logprobs(sampled: list[Logprob], top: list[list[Logprob]],
         out.token_logprobs.append(lp.logprob)
         out.top_logprobs.append({a.decoded: a.logprob for a in [*alternatives, lp]})
         text_offset += len(lp.decoded)
+    return out
+
+
+def prompt_completion_logprobs(prompt_ids: list[int], own: list[Logprob | None], top: list[list[Logprob]],
+                               piece) -> CompletionLogProbs:
+    """The echoed prompt's part of a completion's logprobs (the first token's is null: nothing
+    predicts it); piece(token id) is the token's text."""
+    out, offset = CompletionLogProbs(), 0
+    for token, lp, alternatives in zip(prompt_ids, own, top):
+        text = piece(token)
+        out.text_offset.append(offset)
+        out.tokens.append(text)
+        out.token_logprobs.append(None if lp is None else lp.logprob)
+        out.top_logprobs.append(None if lp is None else {piece(a.token_id): a.logprob for a in [*alternatives, lp]})
+        offset += len(text)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 
@@ -170,3 +171,21 @@ def model_dir(converted):
 def hf_model(model_dir):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def tiny_engine(tmp_path):
+    """A started AsyncEngine (the server's) on a random-weight 2-layer model: token-id prompts,
+    no tokenizer."""
+    from vattention.config import EngineConfig
+    from vattention.server.async_engine import AsyncEngine
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "max_position_embeddings": 512}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    engine = AsyncEngine(EngineConfig.from_kwargs(
+        model=str(tmp_path), load_format="dummy", device="cpu", kv_cache_memory_gib=0.05,
+        page_size=64 << 10))
+    engine.start()
+    yield engine
+    engine.shutdown(5)

@@ -30,12 +30,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi", reason="vattention serve needs fastapi")
 parser = pytest.importorskip("prometheus_client.parser")
 
-from vattention.config import EngineConfig  # noqa: E402
 from vattention.engine.validation import RequestError  # noqa: E402
 from vattention.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind  # noqa: E402
 from vattention.sampling_params import SamplingParams  # noqa: E402
-from vattention.server.async_engine import (AsyncEngine, EngineStoppedError,  # noqa: E402
-                                            RequestFailedError, RequestStream)
+from vattention.server.async_engine import EngineStoppedError, RequestFailedError, RequestStream  # noqa: E402
 from vattention.server.cli import ServerConfig, add_serve_args, serve_configs  # noqa: E402
 from vattention.server.stream import DeltaTracker  # noqa: E402
 
@@ -644,21 +642,6 @@ def test_serve_flags_become_configs():
     assert engine.model.model is None  # the built-in default model
     with pytest.raises(ValueError, match="given twice"):
         serve_configs(cli.parse_args(["a", "--model", "b"]))
-
-
-@pytest.fixture
-def tiny_engine(tmp_path):
-    """An AsyncEngine on a random-weight 2-layer model (token-id prompts, no tokenizer)."""
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32,
-              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 1, "max_position_embeddings": 512}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    engine = AsyncEngine(EngineConfig.from_kwargs(
-        model=str(tmp_path), load_format="dummy", device="cpu", kv_cache_memory_gib=0.05,
-        page_size=64 << 10))
-    engine.start()
-    yield engine
-    engine.shutdown(5)
 
 
 DELTA = RequestOutputKind.DELTA

@@ -4,7 +4,6 @@ OpenAI fields that are accepted and ignored or refused by name (on a random-weig
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 
 import pytest
@@ -26,16 +25,8 @@ from vattention.server.stats_log import stats_line  # noqa: E402
 
 
 @pytest.fixture
-def engine(tmp_path):
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32,
-              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 1, "max_position_embeddings": 512}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    engine = AsyncEngine(EngineConfig.from_kwargs(model=str(tmp_path), load_format="dummy", device="cpu",
-                                                  kv_cache_memory_gib=0.05, page_size=64 << 10))
-    engine.start()
-    yield engine
-    engine.shutdown(5)
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def app_client(engine, **options) -> TestClient:

@@ -96,51 +96,46 @@ def test_bad_specs_are_refused_by_name(random_llm):
     assert not random_llm.engine.has_unfinished()
 
 
-def test_server_takes_response_format_and_structured_outputs(converted, monkeypatch):
+@pytest.fixture(scope="module")
+def http(converted):
+    """The server's app on the default model's tokenizer with random weights."""
     from fastapi.testclient import TestClient
 
     from vattention.config import EngineConfig
     from vattention.server.app import build_app
     from vattention.server.async_engine import AsyncEngine
-    monkeypatch.setenv("VATTENTION_CACHE", str(converted["cache"]))
-    engine = AsyncEngine(EngineConfig.from_kwargs(device="cpu", load_format="dummy", warm_up="off"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VATTENTION_CACHE", str(converted["cache"]))
+        engine = AsyncEngine(EngineConfig.from_kwargs(device="cpu", load_format="dummy", warm_up="off"))
     engine.start()
     try:
         with TestClient(build_app(engine, "m")) as c:
-            body = {"model": "m", "messages": [{"role": "user", "content": "JSON please"}],
-                    "max_tokens": 80, "temperature": 1.0, "seed": 4, "n": 3,
-                    "response_format": {"type": "json_schema",
-                                        "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}}
-            r = c.post("/v1/chat/completions", json=body)
-            assert r.status_code == 200, r.text
-            for choice in r.json()["choices"]:
-                assert valid(json.loads(choice["message"]["content"]))
-            r = c.post("/v1/completions", json={"model": "m", "prompt": "Pick:", "max_tokens": 10,
-                                                "structured_outputs": {"choice": ["left", "right"]}})
-            assert r.json()["choices"][0]["text"] in ("left", "right"), r.text
-            bad = c.post("/v1/chat/completions", json={**body, "response_format": {"type": "json_schema"}})
-            assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
-            bad = c.post("/v1/completions", json={"model": "m", "prompt": "x",
-                                                  "structured_outputs": {"regex": "(", "choice": ["a"]}})
-            assert bad.status_code == 400 and bad.json()["error"]["param"] == "structured_outputs", bad.text
+            yield c
     finally:
         engine.shutdown(5)
 
 
-def test_a_grammar_that_does_not_compile_is_a_400(converted, monkeypatch):
-    from fastapi.testclient import TestClient
+def test_server_takes_response_format_and_structured_outputs(http):
+    body = {"model": "m", "messages": [{"role": "user", "content": "JSON please"}],
+            "max_tokens": 80, "temperature": 1.0, "seed": 4, "n": 3,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    for choice in r.json()["choices"]:
+        assert valid(json.loads(choice["message"]["content"]))
+    r = http.post("/v1/completions", json={"model": "m", "prompt": "Pick:", "max_tokens": 10,
+                                           "structured_outputs": {"choice": ["left", "right"]}})
+    assert r.json()["choices"][0]["text"] in ("left", "right"), r.text
+    bad = http.post("/v1/chat/completions", json={**body, "response_format": {"type": "json_schema"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    bad = http.post("/v1/completions", json={"model": "m", "prompt": "x",
+                                             "structured_outputs": {"regex": "(", "choice": ["a"]}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "structured_outputs", bad.text
 
-    from vattention.config import EngineConfig
-    from vattention.server.app import build_app
-    from vattention.server.async_engine import AsyncEngine
-    monkeypatch.setenv("VATTENTION_CACHE", str(converted["cache"]))
-    engine = AsyncEngine(EngineConfig.from_kwargs(device="cpu", load_format="dummy", warm_up="off"))
-    engine.start()
-    try:
-        with TestClient(build_app(engine, "m")) as c:
-            r = c.post("/v1/completions", json={"model": "m", "prompt": "x", "structured_outputs": {"regex": "("}})
-            assert r.status_code == 400 and "does not compile" in r.json()["error"]["message"], r.text
-            ok = c.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 3})
-            assert ok.status_code == 200  # the engine goes on
-    finally:
-        engine.shutdown(5)
+
+def test_a_grammar_that_does_not_compile_is_a_400(http):
+    r = http.post("/v1/completions", json={"model": "m", "prompt": "x", "structured_outputs": {"regex": "("}})
+    assert r.status_code == 400 and "does not compile" in r.json()["error"]["message"], r.text
+    ok = http.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 3})
+    assert ok.status_code == 200  # the engine goes on

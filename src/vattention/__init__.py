@@ -7,7 +7,7 @@ whose physical pages are mapped on demand. The engine, server and benchmarks bui
 __version__ = "0.1.0"
 
 from .outputs import CompletionOutput, RequestOutput  # noqa: E402
-from .sampling_params import SamplingParams  # noqa: E402
+from .sampling_params import SamplingParams, StructuredOutputs  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -18,4 +18,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'vattention' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LLMEngine", "GenerationError", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "GenerationError", "SamplingParams", "StructuredOutputs", "RequestOutput",
+           "CompletionOutput"]

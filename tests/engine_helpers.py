@@ -22,7 +22,20 @@ FAMILIES = {
         tie_word_embeddings=False, sliding_window=None, original_max_position_embeddings=512, pad_token_id=0,
         rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.25 * i for i in range(8)],
                       "long_factor": [2.0 + i for i in range(8)]})),
+    # sandwich norms (1 + w), GeGLU, embedding scale, query_pre_attn_scalar, tied embeddings;
+    # windowed layers alternating with global ones (window 8: the test prompts outgrow it), soft-caps
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, pad_token_id=0)),
+    # q/k norms, five windowed layers per global one (here two of three), their own rope base
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, sliding_window=8, num_hidden_layers=3, query_pre_attn_scalar=24, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}})),
 }
+
+LLAMA_FAMILIES = sorted(f for f in FAMILIES if not f.startswith("gemma"))  # what tests/unfused_llama.py models
 
 
 def make_checkpoint(family: str, path: Path, seed: int = 0, **overrides):
@@ -42,11 +55,11 @@ def make_checkpoint(family: str, path: Path, seed: int = 0, **overrides):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
-    if family == "qwen3":  # HF initialises the q/k norms to ones; make them matter
+    if family in ("qwen3", "gemma2", "gemma3"):  # HF initialises norms to unit scale; make them matter
         with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(-0.5, 0.5) if family != "qwen3" else p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     assert json.loads((path / "config.json").read_text())["architectures"] == [model_cls]
     return model

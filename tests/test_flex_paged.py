@@ -44,12 +44,18 @@ def copy_layer(layer: LayerKV) -> LayerKV:
     return LayerKV(k.view(layer.k_flat.shape), v.view(layer.v_flat.shape), k_blocks=k, v_blocks=v)
 
 
+SHAPES = {"causal": (None, None), "window-37": (37, None), "window-1": (1, None),
+          "softcap-2": (None, 2.0), "window-softcap": (37, 2.0)}  # (window, softcap): Gemma's layers
+
+
 @pytest.mark.parametrize("step", sorted(STEPS))
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("group", [1, 4])
-def test_flex_matches_reference(step, block_size, group):
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_flex_matches_reference(step, block_size, group, shape):
     """Same pool, same step: flex output within tolerance of the float64 reference, and both wrote
-    the same new K/V."""
+    the same new K/V; windowed and soft-capped layers too."""
+    window, softcap = SHAPES[shape]
     query_lens, seq_lens = STEPS[step]
     rng = random.Random(block_size * 10 + group)
     kv_heads, dim = 2, 64
@@ -70,8 +76,8 @@ def test_flex_matches_reference(step, block_size, group):
     scale = 1 / math.sqrt(dim)
     write_kv(layer, k, v, meta)  # what the model's layer does before attending
     write_kv(ref_layer, k, v, meta)
-    out = FlexPagedBackend(scale, block_size, DEVICE).forward(q, k, v, layer, meta)
-    ref = ReferenceBackend(scale).forward(q, k, v, ref_layer, meta)
+    out = FlexPagedBackend(scale, block_size, DEVICE).forward(q, k, v, layer, meta, window, softcap)
+    ref = ReferenceBackend(scale).forward(q, k, v, ref_layer, meta, window, softcap)
     assert torch.equal(layer.k_blocks, ref_layer.k_blocks) and torch.equal(layer.v_blocks, ref_layer.v_blocks)
     err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     assert err < TOLERANCE, f"{step}, block {block_size}, GQA {group}: relative error {err:.2e}"
@@ -86,7 +92,9 @@ def test_one_block_mask_per_step_serves_every_layer():
     backend.forward(q, q, q, layer, meta)
     masks = backend._masks[1]
     backend.forward(q, q, q, layer, meta)
-    assert backend._masks[1] is masks and len(masks) == 2  # decode group and chunk group
+    assert backend._masks[1] is masks and len(masks[None]) == 2  # decode group and chunk group
+    backend.forward(q, q, q, layer, meta, window=2)  # a windowed layer: its own masks, kept too
+    assert backend._masks[1] is masks and sorted(masks, key=str) == [2, None]
     meta2 = build_paged_metadata([[2, 0], [1]], BLOCK_SIZES[0], [1, 3], [BLOCK_SIZES[0] + 1, 3], DEVICE)
     backend.forward(q, q, q, layer, meta2)
     assert backend._masks[1] is not masks

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from vattention.models.loader import build_model, init_dummy, load_model, load_safetensors, resolve_arch_config
 from vattention.models.sharding import Shard
 
-from engine_helpers import FAMILIES, make_checkpoint
+from engine_helpers import LLAMA_FAMILIES, make_checkpoint
 from unfused_llama import checkpoint_state, greedy, load_unfused, prefill_logits
 
 DEVICE = os.environ.get("VATTENTION_TEST_DEVICE", "cpu")
@@ -28,7 +28,7 @@ if DEVICE.startswith("cuda") and not torch.cuda.is_available():
     pytest.skip("VATTENTION_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
 PROMPTS = [[5, 9, 13], list(range(20, 61)), [7], list(range(100, 117))]  # mixed lengths
 NUM_TOKENS = 12
-CASES = {**{family: (family, {}) for family in FAMILIES},  # llama: tied embeddings; qwen2: q/k/v biases
+CASES = {**{family: (family, {}) for family in LLAMA_FAMILIES},  # llama: tied embeddings; qwen2: q/k/v biases
          "mha-one-kv-head": ("llama", {"num_key_value_heads": 1, "tie_word_embeddings": False}),
          "mlp-bias": ("llama", {"mlp_bias": True})}
 

@@ -70,10 +70,13 @@ def run(path, prompts=PROMPTS, params=GREEDY, **kwargs):
     ("qwen2", {}, {}),  # q/k/v biases sharded with their rows
     ("qwen3", {}, {}),  # q/k norms whole on each rank
     ("phi3", {}, {}),  # fused qkv / gate_up checkpoint tensors split, then sliced per rank
+    ("gemma2", {}, {}),  # windowed + soft-capped layers, scaled and tied vocabulary slices
+    ("gemma3", {}, {"kv_cache": "paged", "block_size": 8}),  # q/k norms, two ropes
     ("llama", {"num_key_value_heads": 1}, {}),  # one KV head: both ranks hold (replicate) it
     ("llama", {"vocab_size": 321}, {"kv_cache": "paged", "block_size": 8}),  # vocabulary padded
     ("llama", {"tie_word_embeddings": True}, {"layout": "per_layer", "max_num_batched_tokens": 7}),
-], ids=["llama", "mistral", "qwen2-bias", "qwen3-qk-norm", "phi3-fused", "kv-heads-replicated", "paged-odd-vocab", "tied-per-layer-chunked"])
+], ids=["llama", "mistral", "qwen2-bias", "qwen3-qk-norm", "phi3-fused", "gemma2", "gemma3-paged",
+        "kv-heads-replicated", "paged-odd-vocab", "tied-per-layer-chunked"])
 def test_tp2_gives_tp1_greedy_tokens(tmp_path, family, overrides, options):
     make_checkpoint(family, tmp_path, **overrides)
     want_tokens, want_logprobs = run(tmp_path, **options)

@@ -218,6 +218,27 @@ def test_any_split_count_combines_exactly(num_splits):
                  f"num_splits={num_splits}")
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("window,softcap", [(1, None), (40, None), (2000, None), (None, 3.0), (100, 3.0)])
+def test_windowed_and_softcapped_decode_matches_reference(paged, window, softcap):
+    """Gemma's layers: a window (1 token, shorter and longer than the sequences) reads only the
+    last `window` tokens; a soft-cap caps the scores; both twins, every split count's edge."""
+    torch.manual_seed(5)
+    lens = [1, 39, 41, 700]
+    q = rand(4, 8, 64, dtype=torch.float16) * 4  # large scores, so that the cap matters
+    if paged:
+        k, v, where, keys, values = paged_cache(lens, 16, 2, 64, torch.float16, True)
+        out = td.paged_decode(q, k, v, where, index(lens), 0.125, num_splits=3, window=window, softcap=softcap)
+    else:
+        k, v, where, keys, values = contiguous_cache(lens, 2, 64, torch.float16, True)
+        out = td.contiguous_decode(q, k, v, where, index(lens), 0.125, num_splits=3, window=window,
+                                   softcap=softcap)
+    want = td.decode_reference(q, keys, values, 0.125, window, softcap)
+    assert_close(out, want, lens, TOLERANCE[torch.float16], f"window={window} softcap={softcap}")
+    if window is not None and window < max(lens):  # and it differs from attending to everything
+        assert not torch.allclose(out.double(), td.decode_reference(q, keys, values, 0.125, None, softcap))
+
+
 def test_float32_is_exact_to_fp32_rounding():
     """fp32 inputs use IEEE dots (no TF32), so errors stay at fp32 rounding."""
     torch.manual_seed(3)

@@ -42,13 +42,36 @@ def sequence_kv(cache: LayerKV, meta: AttentionMetadata, i: int) -> tuple[torch.
     return (cache.k_blocks[table].reshape(-1, h, d)[:n], cache.v_blocks[table].reshape(-1, h, d)[:n])
 
 
-def causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
-    """[query_len, seq_len] bool: query j (at position seq_len - query_len + j) sees keys <= it.
-    None when every query sees every key (a single decode token)."""
-    if query_len == 1:
+def causal_mask(query_len: int, seq_len: int, device: torch.device,
+                window: int | None = None) -> torch.Tensor | None:
+    """[query_len, seq_len] bool: query j (at position seq_len - query_len + j) sees keys <= it,
+    and with a window only the last `window` of them. None when every query sees every key (a
+    single decode token within its window)."""
+    if query_len == 1 and (window is None or window >= seq_len):
         return None
-    pos = torch.arange(seq_len - query_len, seq_len, device=device)
-    return torch.arange(seq_len, device=device)[None, :] <= pos[:, None]
+    pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    keys = torch.arange(seq_len, device=device)[None, :]
+    mask = keys <= pos
+    return mask if window is None else mask & (keys > pos - window)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           is_causal: bool, scale: float, softcap: float | None) -> torch.Tensor:
+    """scaled_dot_product_attention over [B, H, Q, D] / [B, H_kv, S, D] (mask broadcasts to
+    [B, H, Q, S], True = visible), or with softcap the explicit softmax Hugging Face's eager
+    attention computes: scores in the input dtype, capped, softmax in float32."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Q, S]
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
 
 
 def padded_decode_index(meta: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +90,8 @@ def padded_decode_index(meta: AttentionMetadata, device: torch.device) -> tuple[
 
 
 def padded_decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float,
-                  index: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  index: tuple[torch.Tensor, torch.Tensor] | None = None, window: int | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
     """One query per sequence, every sequence padded to meta.max_seq_len keys, in one batched
     attention call (float32 inside); reads only device tensors (and the host int max_seq_len),
     so it can be captured in a CUDA graph. index: padded_decode_index(meta), when the caller
@@ -75,13 +99,15 @@ def padded_decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scal
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads = cache.k_flat.shape[1]
     rows, real = index if index is not None else padded_decode_index(meta, q.device)
+    if window is not None:  # and only the last `window` keys of each sequence
+        t = torch.arange(meta.max_seq_len, device=q.device)
+        real = real & (t[None, :] >= meta.seq_lens_t.long()[:, None] - window)[:, None, None, :]
     rows = rows.flatten()
     # [B, H_kv, S, D] views of the gathered keys / values (index_select: on CPU ~3x faster than
     # advanced indexing for these gathers of strided cache rows)
     keys = cache.k_flat.index_select(0, rows).view(num_seqs, -1, num_kv_heads, head_dim).float().transpose(1, 2)
     values = cache.v_flat.index_select(0, rows).view(num_seqs, -1, num_kv_heads, head_dim).float().transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.float()[:, :, None], keys, values, attn_mask=real, scale=scale,
-                                         enable_gqa=num_q_heads != num_kv_heads)  # [B, H_q, 1, D]
+    out = attend(q.float()[:, :, None], keys, values, real, False, scale, softcap)  # [B, H_q, 1, D]
     return out[:, :, 0].to(q.dtype)
 
 
@@ -98,14 +124,20 @@ class SDPABackend:
         # padded_decode's index for the step, built at its first layer: (meta, that layer, index)
         self._index: tuple[AttentionMetadata, LayerKV, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         graph = meta.starts is None and meta.block_tables_host is None  # a CUDA graph's metadata: no host lists
         if meta.is_decode and (graph or meta.num_seqs * meta.max_seq_len * k[0].numel() <= self.max_padded_elements):
             # Built once per step, used by every layer. A new step is a new meta, or (decode
             # graphs reuse one meta over static buffers) the step's first layer coming round again.
             if self._index is None or self._index[0] is not meta or self._index[1] is cache:
                 self._index = (meta, cache, padded_decode_index(meta, q.device))
-            return padded_decode(q, cache, meta, self.scale, self._index[2])
+            return padded_decode(q, cache, meta, self.scale, self._index[2], window, softcap)
+        return self.per_sequence(q, cache, meta, window, softcap)
+
+    def per_sequence(self, q, cache: LayerKV, meta: AttentionMetadata, window: int | None,
+                     softcap: float | None) -> torch.Tensor:
+        """One attention call per sequence, over its keys read from the cache."""
         out = torch.empty_like(q)
         start = 0
         for i, n_q in enumerate(meta.query_lens):
@@ -116,10 +148,10 @@ class SDPABackend:
             qi = q[start:start + n_q].transpose(0, 1)[None]  # [1, H_q, n_q, D]
             ki = keys.transpose(0, 1).to(q.dtype)[None]  # [1, H_kv, seq_len, D], strided views
             vi = values.transpose(0, 1).to(q.dtype)[None]
-            whole = n_q == keys.shape[0]
-            mask = None if whole else causal_mask(n_q, keys.shape[0], q.device)
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=whole and n_q > 1,
-                                                scale=self.scale, enable_gqa=qi.shape[1] != ki.shape[1])
+            n_kv = keys.shape[0]
+            whole = n_q == n_kv and (window is None or window >= n_kv)  # plain causal
+            mask = None if whole else causal_mask(n_q, n_kv, q.device, window)
+            oi = attend(qi, ki, vi, mask, whole and n_q > 1, self.scale, softcap)
             out[start:start + n_q] = oi[0].transpose(0, 1)
             start += n_q
         return out
@@ -133,7 +165,8 @@ class ReferenceBackend:
     def __init__(self, scale: float):
         self.scale = scale
 
-    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         out = torch.empty_like(q)
         group = q.shape[1] // k.shape[1]
         start = 0
@@ -144,18 +177,25 @@ class ReferenceBackend:
             n_kv = keys.shape[0]
             for j in range(n_q):
                 visible = n_kv - n_q + j + 1
-                scores = torch.einsum("hd,khd->hk", q[start + j].double(), keys[:visible]) * self.scale
-                out[start + j] = torch.einsum("hk,khd->hd", scores.softmax(-1), values[:visible]).to(q.dtype)
+                first = 0 if window is None else max(0, visible - window)
+                scores = torch.einsum("hd,khd->hk", q[start + j].double(), keys[first:visible]) * self.scale
+                if softcap is not None:
+                    scores = torch.tanh(scores / softcap) * softcap
+                out[start + j] = torch.einsum("hk,khd->hd", scores.softmax(-1), values[first:visible]).to(q.dtype)
             start += n_q
         return out
 
 
-def flash_varlen(q, k_rows, v_rows, meta: AttentionMetadata, kv_starts: torch.Tensor, scale: float):
-    """FA2 varlen: sequence i's keys are rows kv_starts[i] .. + seq_lens[i] of k_rows."""
+def flash_varlen(q, k_rows, v_rows, meta: AttentionMetadata, kv_starts: torch.Tensor, scale: float,
+                 window: int | None = None):
+    """FA2 varlen: sequence i's keys are rows kv_starts[i] .. + seq_lens[i] of k_rows. FA2's
+    window counts the keys left of the query's own, hence window - 1."""
     cu_k = torch.cat([kv_starts, kv_starts[-1:]])
+    left, right = (None, None) if window is None else (window - 1, 0)
     return torch.ops.aten._flash_attention_forward(
         q, k_rows, v_rows, meta.query_start_loc, cu_k, meta.max_query_len, meta.max_seq_len,
-        0.0, True, False, scale=scale, seqused_k=meta.seq_lens_t)[0]
+        0.0, True, False, scale=scale, window_size_left=left, window_size_right=right,
+        seqused_k=meta.seq_lens_t)[0]
 
 
 class FlashBackend:
@@ -163,12 +203,16 @@ class FlashBackend:
     (cu_seqlens_k = each slot's first row, seqused_k = its length)."""
 
     name = "flash"
+    softcap = False  # aten's FA2 entry point takes no soft-cap (select.py refuses such models)
 
     def __init__(self, scale: float):
         self.scale = scale
 
-    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
-        return flash_varlen(q, cache.k_flat, cache.v_flat, meta, meta.kv_starts, self.scale)
+    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
+        if softcap is not None:
+            raise ValueError("the flash backend cannot soft-cap attention scores; use triton or sdpa")
+        return flash_varlen(q, cache.k_flat, cache.v_flat, meta, meta.kv_starts, self.scale, window)
 
 
 class TritonBackend:
@@ -181,34 +225,42 @@ class TritonBackend:
 
     def __init__(self, scale: float):
         self.scale = scale
+        self._eager = SDPABackend(scale)  # soft-capped prefill chunks: FA2 here cannot cap
 
-    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         lens = meta.query_lens
         decode = [i for i, n in enumerate(lens) if n == 1]
         if len(decode) == len(lens):
-            return self._decode(q, cache, meta, None)
+            return self._decode(q, cache, meta, None, window, softcap)
+        if softcap is not None:  # Gemma 2's prefill: exact, not fast
+            return self._eager.per_sequence(q, cache, meta, window, softcap)
         out = torch.empty_like(q)
         first = [0, *itertools.accumulate(lens)]  # first row of each sequence's queries
         if decode:
             rows = to_device([first[i] for i in decode], torch.long, q.device)
-            out[rows] = self._decode(q[rows], cache, meta, decode)
+            out[rows] = self._decode(q[rows], cache, meta, decode, window, None)
         chunks = [i for i, n in enumerate(lens) if n > 1]
         rows = to_device([r for i in chunks for r in range(first[i], first[i + 1])], torch.long, q.device)
-        out[rows] = self._prefill(q[rows], k, v, first, cache, meta, chunks)
+        out[rows] = self._prefill(q[rows], k, v, first, cache, meta, chunks, window)
         return out
 
-    def _decode(self, q, cache: LayerKV, meta: AttentionMetadata, subset: list[int] | None):
+    def _decode(self, q, cache: LayerKV, meta: AttentionMetadata, subset: list[int] | None,
+                window: int | None, softcap: float | None):
         from . import triton_decode
         pick = (lambda t: t) if subset is None else (
             lambda t, idx=to_device(subset, torch.long, q.device): t[idx])
         max_len = meta.max_seq_len if subset is None else max(meta.seq_lens[i] for i in subset)
         if meta.block_tables is None:
             return triton_decode.contiguous_decode(q, cache.k_flat, cache.v_flat, pick(meta.kv_starts),
-                                                   pick(meta.seq_lens_t), self.scale, max_seq_len=max_len)
+                                                   pick(meta.seq_lens_t), self.scale, max_seq_len=max_len,
+                                                   window=window, softcap=softcap)
         return triton_decode.paged_decode(q, cache.k_blocks, cache.v_blocks, pick(meta.block_tables),
-                                          pick(meta.seq_lens_t), self.scale, max_seq_len=max_len)
+                                          pick(meta.seq_lens_t), self.scale, max_seq_len=max_len,
+                                          window=window, softcap=softcap)
 
-    def _prefill(self, q, k, v, first, cache: LayerKV, meta: AttentionMetadata, chunks: list[int]):
+    def _prefill(self, q, k, v, first, cache: LayerKV, meta: AttentionMetadata, chunks: list[int],
+                 window: int | None):
         """FA2 varlen for the sequences in `chunks` (q holds just their query rows)."""
         sub = AttentionMetadata(
             query_lens=[meta.query_lens[i] for i in chunks], seq_lens=[meta.seq_lens[i] for i in chunks],
@@ -220,7 +272,7 @@ class TritonBackend:
             kv_write_index=meta.kv_write_index)
         if meta.block_tables is None:
             starts = to_device([meta.starts[i] for i in chunks], torch.int32, q.device)
-            return flash_varlen(q, cache.k_flat, cache.v_flat, sub, starts, self.scale)
+            return flash_varlen(q, cache.k_flat, cache.v_flat, sub, starts, self.scale, window)
         keys, values = [], []
         for i in chunks:
             if meta.seq_lens[i] == meta.query_lens[i]:  # a whole prompt: this step's K/V is all of it
@@ -232,4 +284,4 @@ class TritonBackend:
                 values.append(vi)
         starts = to_device([0, *itertools.accumulate(sub.seq_lens[:-1])], torch.int32, q.device)
         return flash_varlen(q, torch.cat(keys).to(cache.k_flat.dtype), torch.cat(values).to(cache.v_flat.dtype),
-                            sub, starts, self.scale)
+                            sub, starts, self.scale, window)

@@ -36,7 +36,12 @@ class AttentionBackend(Protocol):
     name: str  # the --attention-backend name; the engine captures CUDA graphs only for some (graphs.py)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         """q [num_tokens, H_q, D], k/v [num_tokens, H_kv, D]: the step's new tokens, sequences in
         meta's order -> [num_tokens, H_q, D]. Query j of sequence i sees that sequence's tokens up
-        to its own position, reading them from `cache` (k/v may serve as a shortcut for them)."""
+        to its own position, reading them from `cache` (k/v may serve as a shortcut for them).
+        The layer's own attention shape (models/config.py), both None for most layers:
+          window   it sees only its last `window` tokens (key k from the query at p: p - window < k <= p)
+          softcap  scores (scaled q.k) become softcap * tanh(score / softcap) before the softmax
+        A backend that cannot do one refuses it at construction (select.py), never silently."""

@@ -59,6 +59,12 @@ def causal_block_counts(q_lens: torch.Tensor, offsets: torch.Tensor, q_block: in
     return full, partial
 
 
+def _softcap_mod(cap: float):
+    def softcap(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+    return softcap
+
+
 class FlexPagedBackend:
     """Paged cache only: every sequence attends through FlexAttention + PagedAttention."""
 
@@ -83,19 +89,24 @@ class FlexPagedBackend:
             self.attend = _quiet(flex_attention)
         self._masks: tuple[AttentionMetadata, list] | None = None  # this step's groups and block masks
 
-    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, cache: LayerKV, meta: AttentionMetadata, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         if q.is_cuda and cache.k_blocks.numel() >= MAX_POOL_ELEMENTS:
             raise ValueError(f"the flex backend cannot read a pool of {cache.k_blocks.numel():.3g} "
                              f"elements per layer (>= 2^31): FlexAttention indexes it with 32-bit "
                              f"offsets; lower --kv-cache-memory-gib or use --attention-backend triton")
         if self._masks is None or self._masks[0] is not meta:  # built once per step, used by every layer
-            self._masks = (meta, self._step_groups(meta, cache.k_blocks.shape[0], q.device))
+            self._masks = (meta, {})
+        groups = self._masks[1]
+        if window not in groups:  # one set per window size the model's layers use
+            groups[window] = self._step_groups(meta, cache.k_blocks.shape[0], q.device, window)
         out = torch.empty_like(q)
-        for mask, batch, q_len, packed, dest in self._masks[1]:
-            out[dest] = self._attend_group(q[dest], cache, mask, batch, q_len, packed)
+        for mask, batch, q_len, packed, dest in groups[window]:
+            out[dest] = self._attend_group(q[dest], cache, mask, batch, q_len, packed, softcap)
         return out
 
-    def _step_groups(self, meta: AttentionMetadata, num_blocks: int, device) -> list[tuple]:
+    def _step_groups(self, meta: AttentionMetadata, num_blocks: int, device,
+                     window: int | None = None) -> list[tuple]:
         """Per group (decodes, chunks) of this step: its block mask, padded shape, packed rows, and
         the step rows its queries occupy."""
         lens = meta.query_lens
@@ -105,11 +116,12 @@ class FlexPagedBackend:
                       tuple(i for i, n in enumerate(lens) if n > 1)):
             if group:
                 rows = [r for i in group for r in range(first[i], first[i + 1])]
-                groups.append((*self._block_mask(meta, group, num_blocks, device),
+                groups.append((*self._block_mask(meta, group, num_blocks, device, window),
                                to_device(rows, torch.long, device)))
         return groups
 
-    def _attend_group(self, q, cache: LayerKV, mask, batch: int, q_len: int, packed: torch.Tensor):
+    def _attend_group(self, q, cache: LayerKV, mask, batch: int, q_len: int, packed: torch.Tensor,
+                      softcap: float | None):
         """q [rows, H_q, D]: one group's query rows, in order."""
         num_blocks, block, heads, dim = cache.k_blocks.shape
         q4 = q.new_zeros(batch * q_len, *q.shape[1:])
@@ -117,12 +129,16 @@ class FlexPagedBackend:
         q4 = q4.view(batch, q_len, *q.shape[1:]).transpose(1, 2)  # [B, H_q, Q, D]
         k_pool, v_pool = (t.view(1, num_blocks * block, heads, dim).transpose(1, 2)  # [1, H_kv, N, D]
                           for t in (cache.k_blocks, cache.v_blocks))
-        out = self.attend(q4, k_pool, v_pool, block_mask=mask, scale=self.scale, enable_gqa=True)
+        out = self.attend(q4, k_pool, v_pool, block_mask=mask, scale=self.scale, enable_gqa=True,
+                          score_mod=None if softcap is None else _softcap_mod(softcap))
         return out.transpose(1, 2).reshape(batch * q_len, *q.shape[1:])[packed]
 
-    def _block_mask(self, meta: AttentionMetadata, group: tuple[int, ...], num_blocks: int, device):
+    def _block_mask(self, meta: AttentionMetadata, group: tuple[int, ...], num_blocks: int, device,
+                    window: int | None = None):
         """The physical BlockMask for `group`, padded to (batch, q_len) powers of two, and the
-        packed row of each real query."""
+        packed row of each real query. With a window no KV block counts as full (every block
+        the causal mask admits goes through the mask_mod, which also cuts off the window's far
+        side): exact, though it computes a little more than a banded block mask would."""
         page = self.block_size
         q_lens = [meta.query_lens[i] for i in group]
         seq_lens = [meta.seq_lens[i] for i in group]
@@ -137,6 +153,8 @@ class FlexPagedBackend:
         offsets = kv_len - q_lens_t  # position of each sequence's first query
 
         full, partial = causal_block_counts(q_lens_t, offsets, q_block, page, num_rows)
+        if window is not None:
+            full, partial = torch.zeros_like(full), full + partial
         cols = torch.arange(width, device=device)
         full_idx = cols.expand(batch, num_rows, width)
         partial_idx = torch.clamp(full[..., None] + cols, max=width - 1)
@@ -144,12 +162,16 @@ class FlexPagedBackend:
         def causal(b, h, q_idx, kv_idx):
             return (q_idx < q_lens_t[b]) & (kv_idx <= q_idx + offsets[b])
 
+        def windowed(b, h, q_idx, kv_idx):
+            return causal(b, h, q_idx, kv_idx) & (kv_idx > q_idx + offsets[b] - window)
+
         def heads(t):  # [B, R, ...] -> [B, 1, R, ...] int32, as BlockMask stores them
             return t[:, None].to(torch.int32).contiguous()
 
         logical = self.block_mask_cls.from_kv_blocks(
             heads(partial), heads(partial_idx), heads(full), heads(full_idx),
-            BLOCK_SIZE=(q_block, page), mask_mod=causal, seq_lengths=(q_len, width * page))
+            BLOCK_SIZE=(q_block, page), mask_mod=causal if window is None else windowed,
+            seq_lengths=(q_len, width * page))
         paged = self.paged_attention_cls(num_blocks, page, batch, device=device)
         table_t = to_device([t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad,
                             torch.long, device)  # [B, W]

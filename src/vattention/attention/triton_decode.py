@@ -15,14 +15,16 @@ token t of sequence b lives, so timing one against the other isolates what pagin
 
 Offsets are int64 throughout: a cross-layer cache view spans far more than 2^31 elements.
 
-    split s of sequence b holds tokens [s * chunk, min((s + 1) * chunk, seq_len)),
-    chunk = ceil(ceil(seq_len / num_splits) / BLOCK_N) * BLOCK_N      (empty splits write lse = -inf)
+    split s of sequence b holds tokens [first + s * chunk, min(first + (s + 1) * chunk, seq_len)),
+    chunk = ceil(ceil((seq_len - first) / num_splits) / BLOCK_N) * BLOCK_N   (empty splits write lse = -inf)
+    first = 0, or with a window max(0, seq_len - window): a windowed layer reads only its window
+
+With SOFTCAP the scaled score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -45,18 +47,20 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _split_kernel(Q, K, V, KvStarts, BlockTables, SeqLens, OutPart, LsePart, scale_log2,
+def _split_kernel(Q, K, V, KvStarts, BlockTables, SeqLens, OutPart, LsePart, scale, window, softcap,
                   stride_qb, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vt,
                   stride_vh, stride_bt, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-    lo = split * chunk
+    first = tl.maximum(seq_len - window, 0) if WINDOWED else 0
+    chunk = tl.cdiv(tl.cdiv(seq_len - first, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    lo = first + split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -89,8 +93,10 @@ def _split_kernel(Q, K, V, KvStarts, BlockTables, SeqLens, OutPart, LsePart, sca
             k_off = row * stride_kr
             v_off = row * stride_vr
         k = tl.load(k_head + k_off[:, None], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2  # [BLOCK_G, BLOCK_N]
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # [BLOCK_G, BLOCK_N]
+        if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
+            s = softcap - 2.0 * softcap / (tl.exp(2.0 * s / softcap) + 1.0)
+        s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))  # log2 units
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -139,11 +145,13 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int | None,
 
 def contiguous_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
                       kv_starts: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                      num_splits: int | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+                      num_splits: int | None = None, max_seq_len: int | None = None,
+                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Decode attention over a contiguous cache: sequence b's token t is row kv_starts[b] + t.
 
     q [B, H_q, D]; k_flat, v_flat [rows, H_kv, D] (any row stride, last dim contiguous);
     kv_starts, seq_lens [B] int32. max_seq_len (a host int, if known) only sizes num_splits.
+    window: attend to the last `window` tokens only; softcap: cap the scores (see above).
     Returns [B, H_q, D] in q's dtype."""
     _check_common(q, k_flat, v_flat, seq_lens, kv_dims=3)
     _check_index(kv_starts, "kv_starts", (q.shape[0],), q.device)
@@ -151,12 +159,13 @@ def contiguous_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tenso
     v_strides = (v_flat.stride(0), 0, v_flat.stride(1))
     return _decode(q, k_flat, v_flat, k_strides, v_strides, kv_starts, seq_lens, seq_lens, 0,
                    paged=False, page_size=1, scale=scale, num_splits=num_splits,
-                   max_seq_len=max_seq_len)
+                   max_seq_len=max_seq_len, window=window, softcap=softcap)
 
 
 def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                 num_splits: int | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+                 num_splits: int | None = None, max_seq_len: int | None = None,
+                 window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Decode attention over a block pool: sequence b's token t is token t % block_size of block
     block_tables[b, t // block_size].
 
@@ -175,13 +184,13 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     v_strides = (v_blocks.stride(0), v_blocks.stride(1), v_blocks.stride(2))
     return _decode(q, k_blocks, v_blocks, k_strides, v_strides, seq_lens, block_tables, seq_lens,
                    block_tables.stride(0), paged=True, page_size=page_size, scale=scale,
-                   num_splits=num_splits, max_seq_len=max_seq_len)
+                   num_splits=num_splits, max_seq_len=max_seq_len, window=window, softcap=softcap)
 
 
 def _decode(q, k, v, k_strides, v_strides, kv_starts, block_tables, seq_lens, stride_bt, *,
             paged: bool, page_size: int, scale: float, num_splits: int | None,
-            max_seq_len: int | None, block_n: int = 32, num_warps: int | None = None,
-            num_stages: int = 2) -> torch.Tensor:
+            max_seq_len: int | None, window: int | None = None, softcap: float | None = None,
+            block_n: int = 32, num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """Launch the split kernel and the combine. kv_starts / block_tables: the one the variant
     does not use is any int32 tensor (never read). block_n, num_warps, num_stages: tuning knobs.
     Defaults from a sweep on an H200 (block_n 32/64/128 x warps 2/4/8 x stages 2/3, Llama-3-8B
@@ -191,9 +200,14 @@ def _decode(q, k, v, k_strides, v_strides, kv_starts, block_tables, seq_lens, st
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[-2]
     group = num_q_heads // num_kv_heads
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 token, got {window}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
     if num_splits is None:
         num_sms = _num_sms(q.device) if q.device.type == "cuda" else DEFAULT_NUM_SMS
-        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, num_sms)
+        span = max_seq_len if window is None or max_seq_len is None else min(window, max_seq_len)
+        num_splits = choose_num_splits(batch, num_kv_heads, span, num_sms)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if num_warps is None:
@@ -202,11 +216,12 @@ def _decode(q, k, v, k_strides, v_strides, kv_starts, block_tables, seq_lens, st
     lse_part = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     _split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k, v, kv_starts, block_tables, seq_lens, out_part, lse_part, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), *k_strides, *v_strides, stride_bt,
+        q, k, v, kv_starts, block_tables, seq_lens, out_part, lse_part, scale, window or 0,
+        softcap or 1.0, q.stride(0), q.stride(1), *k_strides, *v_strides, stride_bt,
         out_part.stride(0), out_part.stride(1), out_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        HEAD_DIM=head_dim, PAGED=paged, PAGE_SIZE=page_size, PRECISION=precision,
+        HEAD_DIM=head_dim, PAGED=paged, PAGE_SIZE=page_size, WINDOWED=window is not None,
+        SOFTCAP=softcap is not None, PRECISION=precision,
         UPCAST=_INTERPRETED and q.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     _combine_kernel[(batch, num_q_heads)](
@@ -259,14 +274,18 @@ _INTERPRETED = not isinstance(_split_kernel, triton.runtime.JITFunction)
 
 
 def decode_reference(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                     scale: float) -> torch.Tensor:
+                     scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """The oracle, float64, one sequence at a time: keys[b], values[b] [seq_len_b, H_kv, D] are
     sequence b's tokens in order (gathered by the caller from whichever cache). [B, H_q, D] fp64."""
     out = []
     for qb, kb, vb in zip(q.double(), keys, values):
+        if window is not None:
+            kb, vb = kb[-window:], vb[-window:]
         group = qb.shape[0] // kb.shape[1]
         kb = kb.double().repeat_interleave(group, dim=1)  # [seq_len, H_q, D]
         vb = vb.double().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,thd->ht", qb, kb) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         out.append(torch.einsum("ht,thd->hd", scores.softmax(-1), vb))
     return torch.stack(out)

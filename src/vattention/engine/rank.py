@@ -30,7 +30,7 @@ class RankState:
     dtype: torch.dtype
     model_path: str
     model: torch.nn.Module  # this rank's shard
-    max_model_len: int  # context length: the model's, capped by its sliding window and the config
+    max_model_len: int  # context length: the model's (LongRoPE: its original), capped by the config
     runner: ModelRunner  # with this rank's KV manager (runner.kv) and attention backend
 
 
@@ -44,7 +44,7 @@ def build_rank(config: EngineConfig, group: TPGroup | None) -> RankState:
     shard = group.shard if group is not None else Shard()
     model = load_model(model_path, mc.load_format, device, dtype, mc.dummy_seed, shard, group)
     arch = model.config
-    limits = [arch.max_position_embeddings, arch.sliding_window, arch.rope_context_limit, mc.max_model_len]
+    limits = [arch.max_position_embeddings, arch.rope_context_limit, mc.max_model_len]
     max_model_len = min(x for x in limits if x)
     spec = KVCacheSpec(num_layers=arch.num_layers, num_kv_heads=shard.num_kv_heads(arch),
                        head_dim=arch.head_dim, dtype=dtype, max_seqs=sc.max_num_seqs,
@@ -54,7 +54,8 @@ def build_rank(config: EngineConfig, group: TPGroup | None) -> RankState:
         budget = group.min(budget)
     kv = make_kv_manager(cc.kv_cache, spec, device, budget, cc.page_size, cc.block_size,
                          cc.enable_prefix_caching)
-    backend = make_backend(cc.attention_backend, kv.kind, arch.head_dim, device, cc.block_size)
+    backend = make_backend(cc.attention_backend, kv.kind, arch.head_dim, device, cc.block_size,
+                           scale=arch.attention_scale, softcapped=arch.attn_logit_softcapping is not None)
     runner = ModelRunner(model, kv, backend, Sampler(), device, sc.max_num_batched_tokens, sc.max_num_seqs)
     if use_graphs(mc.enforce_eager, device, backend.name, shard.world_size):
         runner.graphs = DecodeGraphs(model, kv, backend, device, min(mc.max_graph_batch_size, sc.max_num_seqs),

@@ -1,5 +1,10 @@
-"""ModelArchConfig: the decoder shape read from a Hugging Face config.json, for every Llama-family
-architecture we run (Llama 2/3, Mistral, Yi, Qwen2, Qwen3, Phi-3, SmolLM)."""
+"""ModelArchConfig: the decoder shape read from a Hugging Face config.json, for every architecture
+we run: the Llama family (Llama 2/3, Mistral, Yi, Qwen2, Qwen3, Phi-3, SmolLM) and Gemma 2 / 3.
+
+Attention windows are per layer (`layer_windows`): None attends to the whole context, w to the
+last w tokens (key k is visible from query q when q - w < k <= q, as Hugging Face masks it).
+Mistral v0.1 windows every layer; Gemma 2 alternates windowed and global layers, Gemma 3 has five
+windowed layers per global one; config.json's `layer_types` says which when it is written."""
 
 from __future__ import annotations
 
@@ -15,8 +20,21 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": True,
     "Qwen3ForCausalLM": False,
     "Phi3ForCausalLM": False,  # checkpoints hold qkv_proj and gate_up_proj fused (the loader splits them)
+    "Gemma2ForCausalLM": False,
+    "Gemma3ForCausalLM": False,  # the text-only Gemma 3 (1B); the multimodal ones are refused
 }
-QK_NORM_ARCHITECTURES = {"Qwen3ForCausalLM"}  # an RMSNorm over each head's q and k, before rope
+QK_NORM_ARCHITECTURES = {"Qwen3ForCausalLM", "Gemma3ForCausalLM"}  # an RMSNorm over each head's q and k, before rope
+GEMMA_ARCHITECTURES = {"Gemma2ForCausalLM", "Gemma3ForCausalLM"}  # models/gemma.py
+# Hugging Face's defaults for what a Gemma config.json may leave out
+FAMILY_DEFAULTS = {
+    "Gemma2ForCausalLM": {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+                          "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                          "tie_word_embeddings": True, "sliding_window": 4096},
+    "Gemma3ForCausalLM": {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+                          "tie_word_embeddings": True, "sliding_window": 4096},
+}
+WINDOW_PATTERN = {"Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 6}  # every n-th layer is global, when
+# config.json predates `layer_types`
 
 
 @dataclass(frozen=True)
@@ -36,10 +54,28 @@ class ModelArchConfig:
     tie_word_embeddings: bool  # lm_head shares the embedding matrix
     attention_bias: bool  # q/k/v projections have a bias (Qwen2)
     mlp_bias: bool
-    sliding_window: int | None  # Mistral v0.1: attention window; we cap the context at it
+    sliding_window: int | None  # the window of the windowed layers (Mistral v0.1: all; Gemma: some)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    qk_norm: bool = False  # q and k RMS-normed per head before rope (Qwen3)
+    qk_norm: bool = False  # q and k RMS-normed per head before rope (Qwen3, Gemma 3)
+    layer_windows: tuple[int | None, ...] = ()  # per layer: its attention window, None = global
+    hidden_act: str = "silu"  # the MLP's gate activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale is this ** -0.5, not head_dim's
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: the same on the output logits
+    local_rope_theta: float | None = None  # Gemma 3: windowed layers' rope base (unscaled)
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s attention window in tokens, None where it attends to all of them."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def is_gemma(self) -> bool:
+        return self.architecture in GEMMA_ARCHITECTURES
 
     @property
     def rope_context_limit(self) -> int | None:
@@ -58,17 +94,26 @@ class ModelArchConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}; vattention runs "
                              f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+        cfg = {**FAMILY_DEFAULTS.get(arch, {}), **{k: v for k, v in cfg.items() if v is not None or
+                                                   k.endswith("softcapping")}}
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        params = cfg.get("rope_parameters") or {}  # transformers 5 writes rope settings here,
+        local_theta = cfg.get("rope_local_base_freq")
+        if "full_attention" in params:  # Gemma 3: one set per layer type
+            local = params.get("sliding_attention") or {}
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"rope scaling {local.get('rope_type')!r} on windowed layers is not supported")
+            local_theta = local.get("rope_theta", local_theta)
+            params = params["full_attention"]
         rope_scaling = cfg.get("rope_scaling")
-        if rope_scaling is None and isinstance(cfg.get("rope_parameters"), dict):
-            params = cfg["rope_parameters"]  # transformers 5 writes rope settings here
+        if rope_scaling is None and params:
             rope_scaling = params if params.get("rope_type", "default") != "default" else None
-        rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        partial = cfg.get("partial_rotary_factor") or (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+        rope_theta = cfg.get("rope_theta") or params.get("rope_theta", 10000.0)
+        partial = cfg.get("partial_rotary_factor") or params.get("partial_rotary_factor", 1.0)
         if partial != 1.0:
             raise ValueError(f"partial_rotary_factor={partial} (rotary over part of each head) is not supported")
         if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "longrope":
@@ -76,9 +121,16 @@ class ModelArchConfig:
             if not original:
                 raise ValueError("longrope rope scaling needs original_max_position_embeddings")
             rope_scaling = {**rope_scaling, "original_max_position_embeddings": original}
+        gemma = arch in GEMMA_ARCHITECTURES
+        if gemma and cfg.get("use_bidirectional_attention"):
+            raise ValueError("bidirectional Gemma attention (an encoder) is not supported")
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        if act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"MLP activation {act!r} is not supported; supported: silu, gelu_pytorch_tanh")
+        num_layers = cfg["num_hidden_layers"]
         return cls(
             architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            intermediate_size=cfg["intermediate_size"], num_layers=num_layers,
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or hidden // heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta), rope_scaling=rope_scaling,
@@ -87,7 +139,12 @@ class ModelArchConfig:
             attention_bias=bool(cfg.get("attention_bias", SUPPORTED_ARCHITECTURES[arch])),
             mlp_bias=bool(cfg.get("mlp_bias", False)), sliding_window=window,
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
-            qk_norm=arch in QK_NORM_ARCHITECTURES)
+            qk_norm=arch in QK_NORM_ARCHITECTURES,
+            layer_windows=_layer_windows(cfg, arch, num_layers, window), hidden_act=act,
+            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if gemma else None,
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping") if gemma else None,
+            final_logit_softcapping=cfg.get("final_logit_softcapping") if gemma else None,
+            local_rope_theta=float(local_theta or 10000.0) if arch == "Gemma3ForCausalLM" else None)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelArchConfig:
@@ -96,3 +153,24 @@ class ModelArchConfig:
             raise FileNotFoundError(f"no config.json in {path}: a model directory needs config.json, "
                                     f"*.safetensors and tokenizer.json")
         return cls.from_dict(json.loads(file.read_text()))
+
+
+def _layer_windows(cfg: dict, arch: str, num_layers: int, window: int | None) -> tuple[int | None, ...]:
+    """Each layer's window: config.json's `layer_types` where written, else the family's rule
+    (Gemma's pattern; Qwen2's windows from layer max_window_layers on; the rest all windowed)."""
+    if window is None:
+        return (None,) * num_layers
+    types = cfg.get("layer_types")
+    if types is None:
+        if arch in WINDOW_PATTERN:
+            n = cfg.get("sliding_window_pattern", WINDOW_PATTERN[arch])
+            types = ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(num_layers)]
+        elif arch == "Qwen2ForCausalLM":
+            first = cfg.get("max_window_layers", num_layers)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+        else:
+            types = ["sliding_attention"] * num_layers
+    if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types must name sliding_attention or full_attention for each of the "
+                         f"{num_layers} layers, got {types}")
+    return tuple(window if t == "sliding_attention" else None for t in types)

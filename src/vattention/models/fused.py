@@ -11,6 +11,7 @@ pass over memory. Each function dispatches on its input's device.
                                         -> (rope(q), rope(k)), and rope(k), v written to the
                                            caches at rows (the step's K/V write, same pass)
     silu_and_mul(gate_up)               -> silu(gate) * up        gate_up = [gate | up] columns
+    gelu_tanh_and_mul, gemma_rms_norm   Gemma's GeGLU and norm: eager on every device
 
 The eager versions are the decoder's arithmetic before fusion (float32 inside the norm, output
 in the input dtype; cos/sin in float32 cast to the activation dtype), which the tests keep as the
@@ -103,6 +104,21 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return kernels.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """GeGLU (Gemma): gelu_tanh(gate_up[:, :I]) * gate_up[:, I:]. Eager on every device."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's norm: x / rms(x) * (1 + weight), all in float32 and cast once at the end (where
+    the Llama norm casts before its weight). Eager on every device: Gemma is not this
+    codebase's tuned family."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).to(x.dtype)
 
 
 def _kernels(x: torch.Tensor) -> ModuleType | None:

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Yi, Qwen2, Qwen3, SmolLM) over a flat batch of tokens,
+"""The Llama-family decoder (Llama 2/3, Mistral, Yi, Qwen2, Qwen3, Phi-3, SmolLM) over a flat batch of tokens,
 laid out as vLLM's: the residual stream is carried beside each layer's output and added inside
 the next norm.
 
@@ -33,7 +33,8 @@ from torch import nn
 
 from ..attention import AttentionMetadata, LayerKV
 from .config import ModelArchConfig
-from .fused import add_rms_norm, rms_norm, rotary_cos_sin, rotary_qk_store, silu_and_mul
+from .fused import (add_rms_norm, gelu_tanh_and_mul, gemma_rms_norm, rms_norm, rotary_cos_sin,
+                    rotary_qk_store, silu_and_mul)
 from .sharding import Shard
 
 
@@ -102,11 +103,28 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def rope_inv_freq(cfg: ModelArchConfig) -> torch.Tensor:
-    """[head_dim / 2] float32 inverse frequencies, with Llama 3 style scaling when configured."""
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's norm (fused.gemma_rms_norm): the stored weight is the scale minus one."""
+
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            residual.add_(x)
+            x = residual
+        return gemma_rms_norm(x, self.weight, self.eps), x
+
+
+def norm_class(cfg: ModelArchConfig) -> type[RMSNorm]:
+    return GemmaRMSNorm if cfg.is_gemma else RMSNorm
+
+
+def rope_inv_freq(cfg: ModelArchConfig, local: bool = False) -> torch.Tensor:
+    """[head_dim / 2] float32 inverse frequencies, with Llama 3 style scaling when configured.
+    local: Gemma 3's windowed layers' (their own base, no scaling)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    scaling = cfg.rope_scaling or {}
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = {} if local else (cfg.rope_scaling or {})
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "llama3":
         factor = scaling["factor"]
@@ -146,8 +164,9 @@ class Rope(NamedTuple):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None):
+    def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None, layer: int = 0):
         super().__init__()
+        self.window, self.softcap = cfg.window(layer), cfg.attn_logit_softcapping  # this layer's shape
         self.num_heads, self.num_kv_heads = shard.num_heads(cfg), shard.num_kv_heads(cfg)  # this rank's
         self.head_dim = cfg.head_dim
         q_rows, kv_rows = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
@@ -155,8 +174,8 @@ class Attention(nn.Module):
             cfg.hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}, cfg.attention_bias)
         self.o_proj = RowParallelLinear(q_rows, cfg.hidden_size, False, comm)
         if cfg.qk_norm:  # one weight over head_dim, shared by every head: whole on every rank
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.q_norm = norm_class(cfg)(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = norm_class(cfg)(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         # LongRoPE scales cos/sin of q and k by a: q.k by a^2, the same as scaling rope(q) alone
         self.q_scale = rope_attention_factor(cfg) ** 2
@@ -167,15 +186,15 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)  # views of [T, (H_q + 2 H_kv) * D]
         v = v.view(t, self.num_kv_heads, d)
         if self.qk_norm:  # per head: rows of [T * H, D]
-            q = rms_norm(q.reshape(t * self.num_heads, d), self.q_norm.weight, self.q_norm.eps)
-            k = rms_norm(k.reshape(t * self.num_kv_heads, d), self.k_norm.weight, self.k_norm.eps)
+            q = self.q_norm(q.reshape(t * self.num_heads, d))[0]
+            k = self.k_norm(k.reshape(t * self.num_kv_heads, d))[0]
         # rope(q), rope(k); rope(k) and v stored at the step's cache rows in the same pass
         q, k = rotary_qk_store(q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v,
                                positions, rope.inv_freq, cache.k_flat, cache.v_flat, meta.kv_write_index,
                                rope.cos_sin)
         if self.q_scale != 1.0:
             q = q * self.q_scale
-        out = backend.forward(q, k, v, cache, meta)  # [T, H_q, D]
+        out = backend.forward(q, k, v, cache, meta, self.window, self.softcap)  # [T, H_q, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -186,15 +205,16 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": width, "up_proj": width},
                                          cfg.mlp_bias)
         self.down_proj = RowParallelLinear(width, cfg.hidden_size, cfg.mlp_bias, comm)
+        self.act_and_mul = silu_and_mul if cfg.hidden_act == "silu" else gelu_tanh_and_mul
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, 2 I] -> [T, I] -> [T, hidden]
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))  # [T, 2 I] -> [T, I] -> [T, hidden]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None):
+    def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None, layer: int):
         super().__init__()
-        self.self_attn = Attention(cfg, shard, comm)
+        self.self_attn = Attention(cfg, shard, comm, layer)
         self.mlp = MLP(cfg, shard, comm)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -208,22 +228,30 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaBody(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None):
+    def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None,
+                 layer_class: type[nn.Module] = DecoderLayer):
         super().__init__()
         rows = shard.vocab_per_rank(cfg)
         self.embed_tokens = VocabParallelEmbedding(rows, cfg.hidden_size, shard.rank * rows, comm)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, shard, comm) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(layer_class(cfg, shard, comm, i) for i in range(cfg.num_layers))
+        self.norm = norm_class(cfg)(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class: type[nn.Module] = DecoderLayer
+    unit_norm_weight = 1.0  # the stored norm weight that scales by one (dummy weights use it)
+
     def __init__(self, cfg: ModelArchConfig, shard: Shard = Shard(), comm: Collectives | None = None):
         super().__init__()
         shard.check(cfg)
         self.config, self.shard, self.comm = cfg, shard, comm
-        self.model = LlamaBody(cfg, shard, comm)
+        self.model = LlamaBody(cfg, shard, comm, self.layer_class)
         self.lm_head = nn.Linear(cfg.hidden_size, shard.vocab_per_rank(cfg), bias=False)  # this rank's vocab rows
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # [D/2] float32
+
+    def reset_rope(self, device: torch.device) -> None:
+        """The rope buffers, recomputed on `device` (a model built on meta has none)."""
+        self.inv_freq = rope_inv_freq(self.config).to(device)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelArchConfig
-from .llama import Collectives, LlamaForCausalLM, MergedLinear, rope_inv_freq
+from .gemma import model_class
+from .llama import Collectives, LlamaForCausalLM, MergedLinear
 from .presets import PRESETS
 from .sharding import Shard
 
@@ -52,9 +53,9 @@ def build_model(cfg: ModelArchConfig, device: torch.device, dtype: torch.dtype, 
                 comm: Collectives | None = None) -> LlamaForCausalLM:
     """Parameters allocated directly on `device` in `dtype` (no CPU copy), contents undefined."""
     with _default_dtype(dtype), torch.device("meta"):
-        model = LlamaForCausalLM(cfg, shard, comm)
+        model = model_class(cfg)(cfg, shard, comm)
     model = model.to_empty(device=device)
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.reset_rope(device)
     model.tie_weights()
     return model.eval()
 
@@ -84,7 +85,7 @@ def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     targets = checkpoint_targets(model)
     with torch.device("meta"):
-        whole = {n: t.shape for n, t in checkpoint_targets(LlamaForCausalLM(model.config)).items()}
+        whole = {n: t.shape for n, t in checkpoint_targets(type(model)(model.config)).items()}
     tied = model.config.tie_word_embeddings
     loaded: set[str] = set()
     for file in files:
@@ -175,7 +176,7 @@ def init_dummy(model: LlamaForCausalLM, seed: int = 0) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                p.fill_(model.unit_norm_weight)
             elif name.endswith("bias"):
                 p.zero_()
             else:

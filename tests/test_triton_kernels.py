@@ -148,6 +148,7 @@ def pick_lengths(seed: int, count: int) -> list[int]:
 SHAPES = [(group, head_dim, dtype) for group in (1, 4, 8) for head_dim in (64, 128)
           for dtype in (torch.bfloat16, torch.float16)
           if on_cuda or (dtype == torch.bfloat16) == ((group + head_dim // 64) % 2 == 0)]
+SHAPES += [(1, 96, torch.bfloat16), (4, 256, torch.float16)]  # Phi-3's head dim (padded to 128), Gemma's
 
 
 @pytest.mark.parametrize("group,head_dim,dtype", SHAPES, ids=str)
@@ -170,7 +171,8 @@ def test_contiguous_decode_matches_reference(group, head_dim, dtype):
 
 PAGED = [(16, 8, 128, torch.bfloat16, True), (16, 1, 64, torch.float16, False),
          (128, 4, 128, torch.float16, True), (128, 8, 64, torch.bfloat16, False),
-         (256, 1, 128, torch.bfloat16, True), (256, 4, 64, torch.float16, False)]
+         (256, 1, 128, torch.bfloat16, True), (256, 4, 64, torch.float16, False),
+         (16, 4, 96, torch.float16, True)]
 
 
 @pytest.mark.parametrize("block_size,group,head_dim,dtype,strided", PAGED, ids=str)
@@ -258,11 +260,11 @@ def test_num_splits_fills_the_gpu_but_not_beyond_the_work():
 
 
 @pytest.mark.parametrize("case,match", [
-    ("head_dim", "power of 2"), ("dtype", "share one dtype"), ("block_size", "block_size"),
+    ("head_dim", "multiple of 8"), ("dtype", "share one dtype"), ("block_size", "block_size"),
     ("index_dtype", "int32"), ("heads", "multiple"), ("last_dim", "contiguous along head_dim")])
 def test_unsupported_inputs_raise_clearly(case, match):
     """Unsupported shapes and dtypes are refused with a message naming the problem."""
-    d = 96 if case == "head_dim" else 64
+    d = 100 if case == "head_dim" else 64
     q = rand(2, 6 if case == "heads" else 8, d, dtype=torch.float16)
     k = rand(4, 16 if case != "block_size" else 8, 4, d, dtype=torch.bfloat16 if case == "dtype" else torch.float16)
     if case == "last_dim":

@@ -51,7 +51,8 @@ def _split_kernel(Q, K, V, KvStarts, BlockTables, SeqLens, OutPart, LsePart, sca
                   stride_qb, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vt,
                   stride_vh, stride_bt, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+                  PAGE_SIZE: tl.constexpr,
                   WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -65,11 +66,12 @@ def _split_kernel(Q, K, V, KvStarts, BlockTables, SeqLens, OutPart, LsePart, sca
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # HEAD_DIM padded to a power of 2 (Phi-3's 96: 128)
+    in_dim = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g  # [BLOCK_G] query heads of the group (padded rows masked)
     in_group = offs_g < GROUP
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=in_group[:, None], other=0.0)  # [BLOCK_G, D]
+                mask=in_group[:, None] & in_dim[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     k_head = K + kv_head * stride_kh + offs_d[None, :]
     v_head = V + kv_head * stride_vh + offs_d[None, :]
     if PAGED:
@@ -79,7 +81,7 @@ def _split_kernel(Q, K, V, KvStarts, BlockTables, SeqLens, OutPart, LsePart, sca
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of scores (log2 units)
     l = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - m)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for tile in range(lo, hi, BLOCK_N):
         t = tile + offs_n  # [BLOCK_N] token positions
         valid = t < hi
@@ -92,7 +94,7 @@ def _split_kernel(Q, K, V, KvStarts, BlockTables, SeqLens, OutPart, LsePart, sca
             row = start_row + t
             k_off = row * stride_kr
             v_off = row * stride_vr
-        k = tl.load(k_head + k_off[:, None], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        k = tl.load(k_head + k_off[:, None], mask=valid[:, None] & in_dim[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # [BLOCK_G, BLOCK_N]
         if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
             s = softcap - 2.0 * softcap / (tl.exp(2.0 * s / softcap) + 1.0)
@@ -101,7 +103,7 @@ def _split_kernel(Q, K, V, KvStarts, BlockTables, SeqLens, OutPart, LsePart, sca
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + v_off[:, None], mask=valid[:, None], other=0.0)
+        v = tl.load(v_head + v_off[:, None], mask=valid[:, None] & in_dim[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m = m_new
 
@@ -109,27 +111,28 @@ def _split_kernel(Q, K, V, KvStarts, BlockTables, SeqLens, OutPart, LsePart, sca
     out = acc / tl.where(nonempty, l, 1.0)[:, None]
     lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
     tl.store(OutPart + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
-             out, mask=in_group[:, None])
+             out, mask=in_group[:, None] & in_dim[None, :])
     tl.store(LsePart + b * stride_lb + heads * stride_lh + split, lse, mask=in_group)
 
 
 @triton.jit
 def _combine_kernel(OutPart, LsePart, Out, num_splits, stride_pb, stride_ph, stride_ps,
                     stride_lb, stride_lh, stride_ob, stride_oh,
-                    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_dim = offs_d < HEAD_DIM
     used = offs_s < num_splits
     lse = tl.load(LsePart + b * stride_lb + h * stride_lh + offs_s, mask=used, other=float("-inf"))
     top = tl.max(lse, 0)
     weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # empty splits weigh 0
     part = tl.load(OutPart + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                   mask=used[:, None], other=0.0)
+                   mask=used[:, None] & in_dim[None, :], other=0.0)
     total = tl.sum(weight, 0)
     out = tl.sum(weight[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=in_dim)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int | None,
@@ -220,15 +223,21 @@ def _decode(q, k, v, k_strides, v_strides, kv_starts, block_tables, seq_lens, st
         softcap or 1.0, q.stride(0), q.stride(1), *k_strides, *v_strides, stride_bt,
         out_part.stride(0), out_part.stride(1), out_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        HEAD_DIM=head_dim, PAGED=paged, PAGE_SIZE=page_size, WINDOWED=window is not None,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PAGED=paged, PAGE_SIZE=page_size, WINDOWED=window is not None,
         SOFTCAP=softcap is not None, PRECISION=precision,
         UPCAST=_INTERPRETED and q.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     _combine_kernel[(batch, num_q_heads)](
         out_part, lse_part, out, num_splits, out_part.stride(0), out_part.stride(1),
         out_part.stride(2), lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1),
-        BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4)
+        BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+        num_warps=4)
     return out
+
+
+def _block_d(head_dim: int) -> int:
+    """The kernels' head-dim tile: head_dim rounded up to a power of 2, the padding masked."""
+    return triton.next_power_of_2(head_dim)
 
 
 @functools.cache
@@ -247,8 +256,8 @@ def _check_common(q, k, v, seq_lens, kv_dims: int) -> None:
     num_kv_heads = k.shape[-2]
     if k.shape[-1] != head_dim:
         raise ValueError(f"q has head_dim {head_dim} but k/v have {k.shape[-1]}")
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of 2 in [16, 256], got {head_dim}")
+    if head_dim < 16 or head_dim > 256 or head_dim % 8:
+        raise ValueError(f"head_dim must be a multiple of 8 in [16, 256], got {head_dim}")
     if num_q_heads % num_kv_heads:
         raise ValueError(f"H_q={num_q_heads} is not a multiple of H_kv={num_kv_heads}")
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:

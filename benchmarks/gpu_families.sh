@@ -1,0 +1,19 @@
+#!/bin/bash
+# The model families and the sampler's features on one GPU (repository root, device machine):
+#   bash benchmarks/gpu_families.sh
+# tests/gpu/test_families_gpu.py: each family's tiny checkpoint in bf16 against HF on the GPU,
+# min_tokens, prompt_logprobs, structured outputs, and the family presets at real size.
+# Structured outputs need xgrammar (cp312 wheels of it and of pydantic, pydantic-core,
+# annotated-types and typing-inspection, which the device lacks, carried in .carry/)
+# and the default model's tokenizer (.carry/smollm2-tokenizer: its config and tokenizer files,
+# copied from a converted default model directory; the test draws dummy weights).
+set -u
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+if ls .carry/xgrammar-*.whl >/dev/null 2>&1; then
+    pip install -q --no-deps --target /tmp/xgrammar .carry/*.whl 2>&1 | grep -v "as the 'root' user"
+    export PYTHONPATH=$PYTHONPATH:/tmp/xgrammar
+fi
+[ -d .carry/smollm2-tokenizer ] && export VATTENTION_GPU_TOKENIZER_DIR=$PWD/.carry/smollm2-tokenizer
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+python3 -m pytest -q -s -p no:cacheprovider -rs tests/gpu/test_families_gpu.py "$@" 2>&1 | grep -v "^Processed prompts\|Writing model shards" | tail -80

@@ -157,6 +157,29 @@ def test_n_samples_and_seeds(checkpoint):
     assert len({tuple(c.token_ids) for c in first.outputs}) > 1, "the n samples should differ"
 
 
+def test_best_of_returns_the_n_most_likely_of_its_candidates(tmp_path):
+    """best_of=5, n=2, seeded: the two of the five samples n=5 draws from that seed with the
+    highest cumulative logprob, most likely first, re-indexed; cumulative_logprob is their sum
+    of token logprobs; a streamed (DELTA) best_of > n is refused."""
+    make_checkpoint("llama", tmp_path)
+    llm = make_llm(tmp_path)
+    base = dict(temperature=1.5, seed=11, max_tokens=8, ignore_eos=True)
+    every = llm.generate([PROMPTS[1]], SamplingParams(n=5, logprobs=0, **base))[0].outputs
+    best = llm.generate([PROMPTS[1]], SamplingParams(n=2, best_of=5, **base))[0].outputs
+    sums = [sum(lp.logprob for lp in o.logprobs) for o in every]
+    order = sorted(range(5), key=lambda i: -sums[i])[:2]
+    assert len({tuple(o.token_ids) for o in every}) == 5  # five different candidates to rank
+    assert [o.token_ids for o in best] == [every[i].token_ids for i in order]
+    assert [o.index for o in best] == [0, 1] and best[0].logprobs is None
+    assert all(abs(o.cumulative_logprob - sums[i]) < 1e-4 for o, i in zip(best, order))
+    assert llm.generate([PROMPTS[1]], SamplingParams(n=1, **base))[0].outputs[0].cumulative_logprob is None
+    with pytest.raises(ValueError, match="best_of > n cannot stream"):
+        SamplingParams(best_of=2, output_kind="delta")
+    with pytest.raises(ValueError, match="best_of must be an integer >= n"):
+        SamplingParams(n=3, best_of=2)
+    llm.close()
+
+
 def test_stop_token_ids_and_eos(checkpoint):
     path, hf = checkpoint
     llm = make_llm(path)

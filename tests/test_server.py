@@ -363,8 +363,9 @@ def test_invalid_parameters_are_400_naming_the_param(main, client):
     r = httpx.post(main.url + "/v1/completions",
                    json={"model": MODEL, "prompt": PROMPT, "top_p": "x"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
-    r = httpx.post(main.url + "/v1/completions", json={"prompt": PROMPT, "best_of": 2})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+    for body in ({"best_of": 2, "stream": True}, {"n": 2, "best_of": 1}):  # best_of streamed, or < n
+        r = httpx.post(main.url + "/v1/completions", json={"prompt": PROMPT, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of", body
 
 
 def test_unset_sampling_parameters_take_the_models_defaults(client):

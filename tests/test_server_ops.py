@@ -58,7 +58,9 @@ def test_openai_fields_accepted_or_refused_by_name(engine):
         ok = c.post("/v1/completions", json={**BODY, "metadata": {"k": "v"}, "store": False,
                                              "service_tier": "auto", "user": "u", "best_of": 1})
         assert ok.status_code == 200, ok.text
-        for field, value in (("suffix", "end"), ("best_of", 3)):
+        best = c.post("/v1/completions", json={**BODY, "best_of": 3, "logprobs": 0})
+        assert best.status_code == 200 and len(best.json()["choices"]) == 1, best.text
+        for field, value in (("suffix", "end"), ("best_of", 0)):
             r = c.post("/v1/completions", json={**BODY, field: value})
             assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
         r = c.post("/v1/completions", json={**BODY, "no_such_field": 1})

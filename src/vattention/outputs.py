@@ -40,6 +40,7 @@ class CompletionOutput:
     top_logprobs: list[list[Logprob]] | None = None  # per token: the most likely ones
     error: str | None = None  # why this sample failed (finish_reason "error"); other requests are unaffected
     num_tokens: int = 0  # tokens generated so far in all (the same as len(token_ids) unless DELTA)
+    cumulative_logprob: float | None = None  # sum of the tokens' logprobs (with logprobs or best_of; vLLM's)
 
     @property
     def finished(self) -> bool:

@@ -18,6 +18,7 @@ class SamplingParams:
     """Every field defaulted; invalid values raise ValueError naming the field and the rule."""
 
     n: int = 1  # independent completions of the same prompt
+    best_of: int | None = None  # candidates sampled (>= n; None = n); the n with the highest cumulative logprob are returned, at the end (not with DELTA outputs)
     temperature: float = 1.0  # 0 = greedy; >0 divides the logits
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0  # keep the k most likely tokens; 0 or -1 = all
@@ -53,6 +54,11 @@ class SamplingParams:
             raise ValueError("invalid SamplingParams: structured_outputs must be a StructuredOutputs")
         checks = [
             (isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1"),
+            (self.best_of is None or (isinstance(self.best_of, int) and not isinstance(self.best_of, bool)
+                                      and self.best_of >= self.n),
+             f"best_of must be an integer >= n ({self.n}), got {self.best_of}"),
+            (self.num_candidates == self.n or self.output_kind is not RequestOutputKind.DELTA,
+             "best_of > n cannot stream (DELTA outputs): the best samples are known only at the end"),
             (_finite(self.temperature) and self.temperature >= 0,
              "temperature must be a finite number >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -85,6 +91,19 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid SamplingParams: {message}")
+
+    @property
+    def num_candidates(self) -> int:
+        """Samples drawn for the request: best_of, else n."""
+        return self.best_of if isinstance(self.best_of, int) and self.best_of > self.n else self.n
+
+    @property
+    def computed_logprobs(self) -> int | None:
+        """Top logprobs the sampler computes per token: logprobs, or 0 (the chosen token's alone)
+        where best_of ranks candidates by their cumulative logprob, or None (none at all)."""
+        if self.logprobs is None and self.num_candidates > self.n:
+            return 0
+        return self.logprobs
 
     @property
     def greedy(self) -> bool:

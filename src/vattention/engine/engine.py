@@ -154,7 +154,7 @@ class LLMEngine:
         max_tokens = min(params.max_tokens or room, room)
         matchers = self._matchers(params)  # a schema that does not compile is this request's 400
         group = []
-        for i in range(params.n):
+        for i in range(params.num_candidates):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
@@ -181,7 +181,7 @@ class LLMEngine:
                 raise ValueError(missing)
             self._grammars = self.runner.grammars = Grammars(self.tokenizer, self.limits.vocab_size,
                                                              self.eos_token_ids)
-        return [self._grammars.matcher(spec) for _ in range(params.n)]
+        return [self._grammars.matcher(spec) for _ in range(params.num_candidates)]
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):

@@ -12,6 +12,8 @@ and a DELTA output carries only what the request has not handed out yet.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 
 from ..outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
@@ -31,6 +33,8 @@ class OutputProcessor:
         req.output_token_ids.append(token)
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
+        if sampled.logprob is not None:
+            req.cumulative_logprob += sampled.logprob
         if req.params.logprobs is not None:
             req.logprobs.append(Logprob(token, sampled.logprob, self._piece(token)))
             req.top_logprobs.append([Logprob(t, lp, self._piece(t)) for t, lp in sampled.top_logprobs])
@@ -88,7 +92,8 @@ def make_request_output(group: list[Request]) -> RequestOutput | None:
     first = group[0]
     kind = first.params.output_kind
     finished = all(r.finished for r in group)
-    if kind is RequestOutputKind.FINAL_ONLY and not finished:
+    ranked = first.params.num_candidates > first.params.n  # best_of: the n best, at the end
+    if (kind is RequestOutputKind.FINAL_ONLY or ranked) and not finished:
         return None
     # prompt logprobs: in every output, or (DELTA) in the first one, when the prompt is done
     with_prompt = first.params.prompt_logprobs is not None and (
@@ -97,6 +102,9 @@ def make_request_output(group: list[Request]) -> RequestOutput | None:
         outputs = [_delta(r) for r in group if _has_news(r)]
         if not outputs:
             return None
+    elif ranked:
+        best = sorted(group, key=_rank)[:first.params.n]
+        outputs = [dataclasses.replace(_cumulative(r), index=i) for i, r in enumerate(best)]
     else:
         outputs = [_cumulative(r) for r in group]
     for r in group:
@@ -120,13 +128,20 @@ def _prompt_logprobs(r: Request) -> dict:
     return {"prompt_logprobs": own, "prompt_top_logprobs": top}
 
 
+def _rank(r: Request) -> tuple:
+    """best_of's order: the highest cumulative logprob first, failed candidates last, then by index."""
+    failed = r.finish_reason == "error" or math.isnan(r.cumulative_logprob)
+    return (failed, -r.cumulative_logprob if not failed else 0.0, r.sample_index)
+
+
 def _cumulative(r: Request) -> CompletionOutput:
     wants = r.params.logprobs is not None
     return CompletionOutput(
         index=r.sample_index, text=r.text, token_ids=list(r.output_token_ids),
         finish_reason=r.finish_reason, stop_reason=r.stop_reason,
         logprobs=list(r.logprobs) if wants else None, top_logprobs=list(r.top_logprobs) if wants else None,
-        error=r.error, num_tokens=len(r.output_token_ids))
+        error=r.error, num_tokens=len(r.output_token_ids),
+        cumulative_logprob=r.cumulative_logprob if r.params.computed_logprobs is not None else None)
 
 
 def _has_news(r: Request) -> bool:

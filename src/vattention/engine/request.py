@@ -40,7 +40,7 @@ class Request:
     eos_token_ids: set[int]  # tokens that end the output unless params.ignore_eos
     max_tokens: int  # output tokens at most (max_tokens capped by the context length)
     prompt: str | None = None  # the prompt text, when given as text
-    sample_index: int = 0  # which of the params.n samples this request is
+    sample_index: int = 0  # which of the params.num_candidates samples this request is
     generator: torch.Generator | None = None  # seeded requests sample from their own stream
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache, or in a step already scheduled
@@ -52,6 +52,7 @@ class Request:
     error: str | None = None  # why it failed, when finish_reason is "error"
     stop_reason: str | int | None = None  # the stop string or token that ended it
     logprobs: list[Logprob] = field(default_factory=list)  # sampled token's, when asked for
+    cumulative_logprob: float = 0.0  # sum of the sampled tokens' logprobs (where the sampler computes them)
     top_logprobs: list[list[Logprob]] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

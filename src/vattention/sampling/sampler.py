@@ -159,7 +159,7 @@ class Sampler:
         for generator, state in zip(batch.generators, states):
             if generator is not None:
                 generator.set_state(state)
-        wants_logprobs = any(p.logprobs is not None for p in batch.params)
+        wants_logprobs = any(p.computed_logprobs is not None for p in batch.params)
         out = SamplerOutput([], [] if wants_logprobs else None, [] if wants_logprobs else None)
         errors: dict[int, Exception] = {}
         for i in range(batch.num_rows):
@@ -177,7 +177,7 @@ class Sampler:
                 out.logprobs += one.logprobs if one.logprobs is not None else [float("nan")]
                 out.top_logprobs += one.top_logprobs if one.top_logprobs is not None else [[]]
         ids = to_device(out.token_ids, torch.long, logits.device)
-        return DeviceSample(ids, ids, [p.logprobs for p in batch.params], 0, ready=out), errors
+        return DeviceSample(ids, ids, [p.computed_logprobs for p in batch.params], 0, ready=out), errors
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -325,7 +325,7 @@ def _pack(raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParam
     ([num_rows, vocab]), ready to go to the host in one transfer: ids, the chosen token's logprob
     and the top ids and logprobs as columns of one float64 tensor (exact for ids < 2^53 and for
     every float32 logprob); just the ids when no row asked."""
-    wanted = [p.logprobs for p in params]
+    wanted = [p.computed_logprobs for p in params]
     if all(n is None for n in wanted):
         return DeviceSample(token_ids, token_ids, wanted, 0)
     logprobs = raw.log_softmax(dim=-1)  # [num_rows, vocab]

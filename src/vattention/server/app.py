@@ -312,10 +312,10 @@ class OpenAIServer:
     async def _submit(self, kind: str, prompts: list[tuple[list[int], SamplingParams]],
                       cache_salt: str | None = None) -> list[Generation]:
         """Submit a request's prompts together (all admitted or none); one Generation each."""
-        needed = sum(params.n for _, params in prompts)
+        needed = sum(params.num_candidates for _, params in prompts)
         limit = self.async_engine.max_queued_requests
         if needed > limit:
-            raise APIError(400, f"this request needs {needed} sequences (n x prompts); this "
+            raise APIError(400, f"this request needs {needed} sequences (n or best_of x prompts); this "
                                 f"server queues at most {limit} (--max-queued-requests)",
                            param="n")
         submissions = [Submission(f"{kind}-{uuid.uuid4().hex}", ids, params, cache_salt)

@@ -268,7 +268,7 @@ class AsyncEngine:
     def _admit(self, command: _Add) -> None:
         engine = self.engine
         waiting = engine.stats().num_waiting
-        needed = sum(s.params.n for s in command.submissions)
+        needed = sum(s.params.num_candidates for s in command.submissions)
         if waiting + needed > self.max_queued_requests:
             _resolve(command, EngineOverloadedError(
                 f"the server is overloaded: {waiting} sequences are waiting and this request "

@@ -112,7 +112,8 @@ class _SamplingRequest(_Strict):
     structured_outputs: StructuredOutputsField | None = None  # vLLM extension: json schema, json_object, regex or choice
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, param_names: dict[str, str],
-                         defaults: dict) -> SamplingParams:
+                         defaults: dict, **fields) -> SamplingParams:
+        """fields: the endpoint's own SamplingParams fields (completions' best_of)."""
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true",
                            param="stream_options")
@@ -121,7 +122,8 @@ class _SamplingRequest(_Strict):
                  "repetition_penalty": self.repetition_penalty,
                  "presence_penalty": self.presence_penalty,
                  "frequency_penalty": self.frequency_penalty, "seed": self.seed,
-                 "stop": self.stop, "stop_token_ids": self.stop_token_ids, "min_tokens": self.min_tokens}
+                 "stop": self.stop, "stop_token_ids": self.stop_token_ids, "min_tokens": self.min_tokens,
+                 **fields}
         kwargs = {**defaults, **{k: v for k, v in given.items() if v is not None}}
         structured = self._structured()
         if structured is not None:
@@ -177,20 +179,20 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = None  # the sampled token's logprob and this many most likely ones
     echo: bool = False  # the prompt text goes before the completion
     suffix: str | None = None  # OpenAI's insertion mode: refused by name (no fill-in-the-middle here)
-    best_of: int | None = None  # refused unless it equals n (no server-side candidate ranking yet)
+    best_of: int | None = None  # candidates sampled server-side, the n most likely returned (>= n; not with stream)
 
     def to_sampling_params(self, max_tokens: int, defaults: dict) -> SamplingParams:
         """defaults: the model's sampling defaults, for the parameters the request leaves unset."""
         if self.suffix is not None:
             raise APIError(400, "suffix is not supported: this server has no insertion "
                                 "(fill-in-the-middle) mode", param="suffix")
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise APIError(400, f"best_of={self.best_of} is not supported (only best_of equal to n, "
-                                f"{self.n or 1})", param="best_of")
+        if self.best_of is not None and self.stream and self.best_of != (self.n or 1):
+            raise APIError(400, f"best_of={self.best_of} with stream is not supported: the best "
+                                f"{self.n or 1} are known only when all candidates finish", param="best_of")
         if self.echo and self.logprobs is not None and self.stream:
             raise APIError(400, "echo with logprobs is not supported when streaming (the prompt's "
                                 "logprobs come in a non-streamed response)", param="echo")
-        params = self._sampling_params(max_tokens, self.logprobs, {}, defaults)
+        params = self._sampling_params(max_tokens, self.logprobs, {}, defaults, best_of=self.best_of)
         if self.echo and self.logprobs is not None:  # what evaluation harnesses score prompts with
             params.prompt_logprobs = self.logprobs
         return params

@@ -13,7 +13,12 @@ computed; a later request starting with the same tokens gets a slot that maps th
 does already, else they are aliased in read-only), and the tokens after its last complete unit
 that a cached unit also starts with are copied into its own page (or, when that unit's slot is
 free, the slot is simply taken with them). Cached units no running request maps are evicted,
-least recently used first, when growth finds memory short, before the scheduler preempts."""
+least recently used first, when growth finds memory short, before the scheduler preempts.
+
+Sliding-window layers (Mistral, Phi-3, Gemma 2 / 3) keep every token mapped and simply read the
+last `window` rows of the same dense tensor: in the cross_layer layout a page holds all layers'
+K/V for its tokens, so no page falls out of every layer's window while a global layer reads it;
+freeing windowed layers' old tokens would need per-layer page tables for them (README, Models)."""
 
 from __future__ import annotations
 

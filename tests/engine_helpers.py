@@ -33,9 +33,17 @@ FAMILIES = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}})),
+    # mixtures of experts: top-2 of 4 experts, each as wide as intermediate_size (Mixtral, which
+    # checkpoints name block_sparse_moe.experts.N.w1/w2/w3); Qwen3-MoE with q/k norms, top-2 of 4
+    # renormalized, and a dense layer among the sparse ones (mlp_only_layers)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+        mlp_only_layers=[1], num_hidden_layers=3, head_dim=16)),
 }
+MOE_FAMILIES = ("mixtral", "qwen3moe")
 
-LLAMA_FAMILIES = sorted(f for f in FAMILIES if not f.startswith("gemma"))  # what tests/unfused_llama.py models
+LLAMA_FAMILIES = sorted(f for f in FAMILIES if not f.startswith("gemma") and f not in MOE_FAMILIES)  # what tests/unfused_llama.py models
 
 
 def make_checkpoint(family: str, path: Path, seed: int = 0, **overrides):
@@ -55,6 +63,11 @@ def make_checkpoint(family: str, path: Path, seed: int = 0, **overrides):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    if family in MOE_FAMILIES:  # decisive routing: no near-tied experts for rounding to flip
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    p.normal_(0, 1.0)
     if family in ("qwen3", "gemma2", "gemma3"):  # HF initialises norms to unit scale; make them matter
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -52,6 +52,51 @@ def test_layer_types_decide_where_written():
     assert arch("LlamaForCausalLM").window(0) is None
 
 
+def test_moe_configs_name_their_experts_either_way():
+    """Hub Qwen3-MoE configs say num_experts, transformers 5 writes num_local_experts; dense layers
+    are mlp_only_layers plus all but every decoder_sparse_step-th; Mixtral's experts are as wide
+    as intermediate_size and always renormalized."""
+    hub = arch("Qwen3MoeForCausalLM", num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
+               mlp_only_layers=[0], decoder_sparse_step=2)
+    assert (hub.num_experts, hub.num_experts_per_tok, hub.moe_intermediate_size) == (16, 4, 32)
+    assert [hub.is_moe_layer(i) for i in range(6)] == [False, True, False, True, False, True]
+    assert not hub.norm_topk_prob and hub.qk_norm
+    assert arch("Qwen3MoeForCausalLM", num_local_experts=8, num_experts_per_tok=2).num_experts == 8
+    mixtral = arch("MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2)
+    assert (mixtral.moe_intermediate_size, mixtral.norm_topk_prob, mixtral.is_moe_layer(5)) == (128, True, True)
+    assert not arch("LlamaForCausalLM").is_moe_layer(0)
+    with pytest.raises(ValueError, match="num_experts_per_tok must be in"):
+        arch("MixtralForCausalLM", num_local_experts=2, num_experts_per_tok=3)
+
+
+def test_moe_layer_equals_a_loop_over_experts():
+    """The grouped-GEMM MoE layer (routing and experts on the device, no host sync) against
+    Hugging Face's loop over experts, in float32: same outputs to rounding, with experts that
+    get no token, and with one token."""
+    from vattention.models.moe import SparseMoE
+    from vattention.models.sharding import Shard
+    cfg = arch("Qwen3MoeForCausalLM", num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24,
+               norm_topk_prob=True)
+    moe = SparseMoE(cfg, Shard(), None)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+        for t in (1, 5, 40):
+            x = torch.randn(t, cfg.hidden_size)
+            probs = torch.softmax(x @ moe.gate.weight.T, dim=-1)
+            weights, experts = probs.topk(3, dim=-1)
+            weights = weights / weights.sum(-1, keepdim=True)
+            want = torch.zeros_like(x)
+            for e in range(8):
+                tok, slot = (experts == e).nonzero(as_tuple=True)
+                gate, up = (x[tok] @ moe.experts.gate_up[e].T).chunk(2, dim=-1)
+                y = (torch.nn.functional.silu(gate) * up) @ moe.experts.down[e].T
+                want.index_add_(0, tok, y * weights[tok, slot, None])
+            got = moe(x)
+            assert (got - want).abs().max() < 1e-5, (t, (got - want).abs().max())
+
+
 @pytest.mark.parametrize("fields,match", [
     ({"architectures": ["Gemma3ForConditionalGeneration"]}, "unsupported architecture"),
     ({"sliding_window": 8, "layer_types": ["full_attention"] * 5}, "each of the 6 layers"),
@@ -107,13 +152,15 @@ def test_gemma_prefix_hits_give_the_uncached_tokens(tmp_path, family):
     assert want[0] == want[1]
 
 
-@pytest.mark.parametrize("preset", ["gemma-2-9b", "gemma-3-1b", "phi-3-mini"])
+@pytest.mark.parametrize("preset", ["gemma-2-9b", "gemma-3-1b", "phi-3-mini", "qwen3-30b-a3b", "mixtral-8x7b"])
 def test_family_presets_are_real_shapes(preset, tmp_path):
     """The dummy-weight presets parse, and a copy shrunk to two layers and a small width runs."""
     cfg = ModelArchConfig.from_dict(PRESETS[preset])
     assert cfg.num_layers > 2 and cfg.architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                                                       "Phi3ForCausalLM")
+                                                       "Phi3ForCausalLM", "Qwen3MoeForCausalLM",
+                                                       "MixtralForCausalLM")
     small = {**PRESETS[preset], "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "moe_intermediate_size": 32, "num_experts": 8, "num_local_experts": 8,
              "vocab_size": 300, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
     (tmp_path / "config.json").write_text(json.dumps(small))
     llm = LLM(model=str(tmp_path), device="cpu", dtype="float32", load_format="dummy",

@@ -72,10 +72,12 @@ def run(path, prompts=PROMPTS, params=GREEDY, **kwargs):
     ("phi3", {}, {}),  # fused qkv / gate_up checkpoint tensors split, then sliced per rank
     ("gemma2", {}, {}),  # windowed + soft-capped layers, scaled and tied vocabulary slices
     ("gemma3", {}, {"kv_cache": "paged", "block_size": 8}),  # q/k norms, two ropes
+    ("mixtral", {}, {}),  # every expert's columns / rows sliced, routers whole
+    ("qwen3moe", {}, {"max_num_batched_tokens": 7}),  # sparse and dense layers, chunked
     ("llama", {"num_key_value_heads": 1}, {}),  # one KV head: both ranks hold (replicate) it
     ("llama", {"vocab_size": 321}, {"kv_cache": "paged", "block_size": 8}),  # vocabulary padded
     ("llama", {"tie_word_embeddings": True}, {"layout": "per_layer", "max_num_batched_tokens": 7}),
-], ids=["llama", "mistral", "qwen2-bias", "qwen3-qk-norm", "phi3-fused", "gemma2", "gemma3-paged",
+], ids=["llama", "mistral", "qwen2-bias", "qwen3-qk-norm", "phi3-fused", "gemma2", "gemma3-paged", "mixtral", "qwen3moe-chunked",
         "kv-heads-replicated", "paged-odd-vocab", "tied-per-layer-chunked"])
 def test_tp2_gives_tp1_greedy_tokens(tmp_path, family, overrides, options):
     make_checkpoint(family, tmp_path, **overrides)
@@ -167,6 +169,27 @@ def test_each_rank_loads_exactly_its_slices(tmp_path, family, overrides):
         real = full["model.embed_tokens.weight"][rank * rows:(rank + 1) * rows]
         torch.testing.assert_close(embed[:len(real)], real)
         assert not embed[len(real):].any(), "padding rows of the vocabulary must be zero"
+
+
+def test_each_rank_loads_its_columns_of_every_expert(tmp_path):
+    """Mixtral's checkpoint names (block_sparse_moe.experts.e.w1 / w3 / w2): rank r's stacked
+    experts hold its rows of each gate and up and its columns of each down; routers whole."""
+    from safetensors.torch import load_file
+    make_checkpoint("mixtral", tmp_path)
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    cfg = resolve_arch_config(tmp_path)
+    width = cfg.moe_intermediate_size // 2
+    for rank in range(2):
+        model = build_model(cfg, torch.device("cpu"), torch.float32, Shard(rank, 2))
+        load_safetensors(model, Path(tmp_path))
+        moe = model.model.layers[1].mlp
+        prefix = "model.layers.1.block_sparse_moe."
+        cols = slice(rank * width, (rank + 1) * width)
+        torch.testing.assert_close(moe.gate.weight, stored[prefix + "gate.weight"])
+        for e in range(cfg.num_experts):
+            torch.testing.assert_close(moe.experts.gate_up[e, :width], stored[f"{prefix}experts.{e}.w1.weight"][cols])
+            torch.testing.assert_close(moe.experts.gate_up[e, width:], stored[f"{prefix}experts.{e}.w3.weight"][cols])
+            torch.testing.assert_close(moe.experts.down[e], stored[f"{prefix}experts.{e}.w2.weight"][:, cols])
 
 
 def test_a_size_that_does_not_divide_the_heads_is_refused_before_starting(tmp_path):

@@ -1,8 +1,8 @@
 """The model families and the sampler's features on the GPU (benchmarks/gpu_families.sh runs it):
 
 - every family's tiny random checkpoint in bf16 through the default path (our Triton decode with
-  its window and soft-cap, FA2 with its window for prefill, CUDA graphs) close to HF bf16 on the
-  GPU, as test_engine_gpu.py checks Llama;
+  its window and soft-cap, FA2 with its window for prefill, the MoE layer's grouped GEMMs, CUDA
+  graphs) close to HF bf16 on the GPU, as test_engine_gpu.py checks Llama;
 - min_tokens, prompt_logprobs and structured outputs (the xgrammar bitmask applied on the GPU),
   whose CPU tests are tests/test_engine.py and tests/test_structured.py;
 - each family's preset at its real size with dummy weights: start (graphs captured), a batch of
@@ -25,7 +25,7 @@ import torch
 from vattention import LLM, SamplingParams
 from vattention.sampling_params import StructuredOutputs
 
-from engine_helpers import hf_greedy, make_checkpoint
+from engine_helpers import make_checkpoint
 from test_engine_gpu import CHECKPOINT, PROMPTS, TOP, check_tokens_close, hf_greedy_top
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -35,7 +35,8 @@ NUM_TOKENS = 24
 # windows shorter than the test prompts (280 and 367 tokens), so that windowed layers cut them
 FAMILY_OVERRIDES = {"qwen3": {}, "phi3": {"rope_scaling": None}, "gemma2": {"sliding_window": 64},
                     "gemma3": {"sliding_window": 64, "num_hidden_layers": 4, "layer_types": [
-                        "sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]}}
+                        "sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]},
+                    "mixtral": {}, "qwen3moe": {"moe_intermediate_size": 64}}  # torch._grouped_mm, in graphs
 
 
 @pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
@@ -145,7 +146,7 @@ def test_structured_outputs_always_follow_the_grammar_on_the_gpu(random_tokenize
     assert len(mixed[0].outputs[0].token_ids) == 8 and mixed[1].outputs[0].text in ("yes", "no")
 
 
-PRESETS_AT_SIZE = ["qwen3-8b", "phi-3-mini", "gemma-2-9b", "gemma-3-1b"]
+PRESETS_AT_SIZE = ["qwen3-8b", "phi-3-mini", "gemma-2-9b", "gemma-3-1b", "qwen3-30b-a3b", "mixtral-8x7b"]
 
 
 @pytest.mark.parametrize("preset", PRESETS_AT_SIZE)

@@ -57,7 +57,9 @@ def build_rank(config: EngineConfig, group: TPGroup | None) -> RankState:
     backend = make_backend(cc.attention_backend, kv.kind, arch.head_dim, device, cc.block_size,
                            scale=arch.attention_scale, softcapped=arch.attn_logit_softcapping is not None)
     runner = ModelRunner(model, kv, backend, Sampler(), device, sc.max_num_batched_tokens, sc.max_num_seqs)
-    if use_graphs(mc.enforce_eager, device, backend.name, shard.world_size):
+    # torch._grouped_mm (MoE layers) reads its offsets on the host on CUDA except in bfloat16
+    moe_graphable = not arch.num_experts or dtype == torch.bfloat16
+    if use_graphs(mc.enforce_eager, device, backend.name, shard.world_size) and moe_graphable:
         runner.graphs = DecodeGraphs(model, kv, backend, device, min(mc.max_graph_batch_size, sc.max_num_seqs),
                                      max_model_len)
     return RankState(device, dtype, model_path, model, max_model_len, runner)

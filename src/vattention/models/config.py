@@ -1,5 +1,6 @@
 """ModelArchConfig: the decoder shape read from a Hugging Face config.json, for every architecture
-we run: the Llama family (Llama 2/3, Mistral, Yi, Qwen2, Qwen3, Phi-3, SmolLM) and Gemma 2 / 3.
+we run: the Llama family (Llama 2/3, Mistral, Yi, Qwen2, Qwen3, Phi-3, SmolLM), Gemma 2 / 3, and
+the mixtures of experts Mixtral and Qwen3-MoE (models/moe.py).
 
 Attention windows are per layer (`layer_windows`): None attends to the whole context, w to the
 last w tokens (key k is visible from query q when q - w < k <= q, as Hugging Face masks it).
@@ -22,8 +23,10 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": False,  # checkpoints hold qkv_proj and gate_up_proj fused (the loader splits them)
     "Gemma2ForCausalLM": False,
     "Gemma3ForCausalLM": False,  # the text-only Gemma 3 (1B); the multimodal ones are refused
+    "MixtralForCausalLM": False,  # every layer's MLP a mixture of experts
+    "Qwen3MoeForCausalLM": False,  # Qwen3 attention; MoE layers (some may stay dense: mlp_only_layers)
 }
-QK_NORM_ARCHITECTURES = {"Qwen3ForCausalLM", "Gemma3ForCausalLM"}  # an RMSNorm over each head's q and k, before rope
+QK_NORM_ARCHITECTURES = {"Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM"}  # an RMSNorm over each head's q and k, before rope
 GEMMA_ARCHITECTURES = {"Gemma2ForCausalLM", "Gemma3ForCausalLM"}  # models/gemma.py
 # Hugging Face's defaults for what a Gemma config.json may leave out
 FAMILY_DEFAULTS = {
@@ -64,10 +67,18 @@ class ModelArchConfig:
     attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: the same on the output logits
     local_rope_theta: float | None = None  # Gemma 3: windowed layers' rope base (unscaled)
+    num_experts: int = 0  # experts per MoE layer; 0 = a dense model
+    num_experts_per_tok: int = 0  # experts each token is routed to (top k)
+    moe_intermediate_size: int = 0  # one expert's MLP width
+    norm_topk_prob: bool = False  # the top k routing weights renormalized to sum to 1 (Mixtral: always)
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model that keep a dense MLP (Qwen3-MoE)
 
     def window(self, layer: int) -> int | None:
         """Layer `layer`'s attention window in tokens, None where it attends to all of them."""
         return self.layer_windows[layer] if self.layer_windows else self.sliding_window
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @property
     def attention_scale(self) -> float:
@@ -128,6 +139,7 @@ class ModelArchConfig:
         if act not in ("silu", "gelu_pytorch_tanh"):
             raise ValueError(f"MLP activation {act!r} is not supported; supported: silu, gelu_pytorch_tanh")
         num_layers = cfg["num_hidden_layers"]
+        moe = _moe_fields(cfg, arch, num_layers)
         return cls(
             architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"], num_layers=num_layers,
@@ -144,7 +156,8 @@ class ModelArchConfig:
             query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if gemma else None,
             attn_logit_softcapping=cfg.get("attn_logit_softcapping") if gemma else None,
             final_logit_softcapping=cfg.get("final_logit_softcapping") if gemma else None,
-            local_rope_theta=float(local_theta or 10000.0) if arch == "Gemma3ForCausalLM" else None)
+            local_rope_theta=float(local_theta or 10000.0) if arch == "Gemma3ForCausalLM" else None,
+            **moe)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelArchConfig:
@@ -174,3 +187,25 @@ def _layer_windows(cfg: dict, arch: str, num_layers: int, window: int | None) ->
         raise ValueError(f"layer_types must name sliding_attention or full_attention for each of the "
                          f"{num_layers} layers, got {types}")
     return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def _moe_fields(cfg: dict, arch: str, num_layers: int) -> dict:
+    """The mixture-of-experts fields: Mixtral names its experts num_local_experts, each as wide
+    as intermediate_size, and always renormalizes its top 2; Qwen3-MoE has moe_intermediate_size,
+    norm_topk_prob, and dense layers (mlp_only_layers, and all but every decoder_sparse_step-th)."""
+    if arch == "MixtralForCausalLM":
+        fields = dict(num_experts=cfg.get("num_local_experts", 8), num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
+                      moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True)
+    elif arch == "Qwen3MoeForCausalLM":
+        step = cfg.get("decoder_sparse_step", 1)
+        dense = tuple(i for i in range(num_layers) if i in (cfg.get("mlp_only_layers") or []) or (i + 1) % step)
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts", 128)  # transformers 5 writes the latter
+        fields = dict(num_experts=experts, num_experts_per_tok=cfg.get("num_experts_per_tok", 8),
+                      moe_intermediate_size=cfg.get("moe_intermediate_size", 768),
+                      norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), dense_layers=dense)
+    else:
+        return {}
+    if not 0 < fields["num_experts_per_tok"] <= fields["num_experts"]:
+        raise ValueError(f"num_experts_per_tok must be in [1, num_experts={fields['num_experts']}], "
+                         f"got {fields['num_experts_per_tok']}")
+    return fields

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..attention import AttentionMetadata, LayerKV
 from .config import ModelArchConfig
+from .moe import SparseMoE
 from .fused import (add_rms_norm, gelu_tanh_and_mul, gemma_rms_norm, rms_norm, rotary_cos_sin,
                     rotary_qk_store, silu_and_mul)
 from .sharding import Shard
@@ -215,7 +216,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelArchConfig, shard: Shard, comm: Collectives | None, layer: int):
         super().__init__()
         self.self_attn = Attention(cfg, shard, comm, layer)
-        self.mlp = MLP(cfg, shard, comm)
+        self.mlp = SparseMoE(cfg, shard, comm) if cfg.is_moe_layer(layer) else MLP(cfg, shard, comm)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from .config import ModelArchConfig
 from .gemma import model_class
 from .llama import Collectives, LlamaForCausalLM, MergedLinear
+from .moe import StackedExperts
 from .presets import PRESETS
 from .sharding import Shard
 
@@ -65,6 +66,9 @@ def checkpoint_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     lm_head is the embedding's parameter and has no entry of its own."""
     targets = {}
     for module_name, module in model.named_modules():
+        if isinstance(module, StackedExperts):
+            targets.update(module.checkpoint_parts(module_name))
+            continue
         for leaf, param in module.named_parameters(recurse=False):
             if isinstance(module, MergedLinear):
                 parent, start = module_name.rpartition(".")[0], 0
@@ -90,10 +94,11 @@ def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
     loaded: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for stored in f.keys():
+                name = _our_name(stored, model.config.architecture)
                 if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
                     continue
-                source = f.get_slice(name)
+                source = f.get_slice(stored)
                 parts = _fused_parts(name, targets)
                 if parts is not None:  # Phi-3's qkv_proj / gate_up_proj: the parts, row by row
                     rows = [whole[p][0] for p in parts]
@@ -128,6 +133,16 @@ def _refuse_twice(name: str, loaded: set[str], file: str) -> None:
 
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+MIXTRAL_NAMES = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+
+
+def _our_name(name: str, architecture: str) -> str:
+    """A checkpoint tensor's name as our modules call it: Mixtral's experts get the names every
+    other family uses (block_sparse_moe.experts.0.w1 -> mlp.experts.0.gate_proj)."""
+    if architecture == "MixtralForCausalLM" and ".block_sparse_moe." in name:
+        for theirs, ours in MIXTRAL_NAMES.items():
+            name = name.replace(theirs, ours)
+    return name
 
 
 def _fused_parts(name: str, targets: dict) -> list[str] | None:

@@ -7,7 +7,8 @@ vattention.distributed.
                                                gate, up rows into its gate_up_proj: loader.py)
   o_proj, down_proj                            split by input columns (row parallel: all-reduce after)
   embed_tokens, lm_head                        split by vocabulary rows (padded to a multiple of ranks)
-  norms                                        whole on every rank
+  norms, MoE routers                           whole on every rank
+  experts.{e}.gate_proj / up_proj / down_proj  each expert split like the dense MLP (moe.py)
 
 KV heads: with at least as many KV heads as ranks each rank holds num_kv_heads / ranks of them;
 with fewer, each rank holds one, and ranks / num_kv_heads ranks share (replicate) each:
@@ -41,6 +42,8 @@ class Shard:
             problems.append(f"{cfg.num_kv_heads} KV heads (neither divides the other)")
         if cfg.intermediate_size % n:
             problems.append(f"an MLP width of {cfg.intermediate_size}")
+        if cfg.moe_intermediate_size % n:
+            problems.append(f"an expert width of {cfg.moe_intermediate_size}")
         if problems:
             raise ValueError(f"tensor_parallel_size {n} does not divide {' and '.join(problems)} of "
                              f"{cfg.architecture}; choose a size that divides them")
@@ -76,11 +79,12 @@ class Shard:
         if leaf == "o_proj" and name.endswith("weight"):
             n = self.num_heads(cfg) * d
             return 1, self.rank * n, n
+        width = cfg.moe_intermediate_size if ".experts." in name else cfg.intermediate_size
         if leaf in ("gate_proj", "up_proj"):
-            n = cfg.intermediate_size // self.world_size
+            n = width // self.world_size
             return 0, self.rank * n, n
         if leaf == "down_proj" and name.endswith("weight"):
-            n = cfg.intermediate_size // self.world_size
+            n = width // self.world_size
             return 1, self.rank * n, n
         if leaf in ("embed_tokens", "lm_head"):
             n = self.vocab_per_rank(cfg)

@@ -16,4 +16,4 @@ fi
 [ -d .carry/smollm2-tokenizer ] && export VATTENTION_GPU_TOKENIZER_DIR=$PWD/.carry/smollm2-tokenizer
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-python3 -m pytest -q -s -p no:cacheprovider -rs tests/gpu/test_families_gpu.py "$@" 2>&1 | grep -v "^Processed prompts\|Writing model shards" | tail -80
+python3 -m pytest -q -s -p no:cacheprovider -rs tests/gpu/test_families_gpu.py "$@" 2>&1 | tr '\r' '\n' | grep -v "Processed prompts\|Writing model shards\|^\s*$"

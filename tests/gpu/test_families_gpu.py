@@ -25,7 +25,7 @@ import torch
 from vattention import LLM, SamplingParams
 from vattention.sampling_params import StructuredOutputs
 
-from engine_helpers import make_checkpoint
+from engine_helpers import MOE_FAMILIES, make_checkpoint
 from test_engine_gpu import CHECKPOINT, PROMPTS, TOP, check_tokens_close, hf_greedy_top
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -39,6 +39,16 @@ FAMILY_OVERRIDES = {"qwen3": {}, "phi3": {"rope_scaling": None}, "gemma2": {"sli
                     "mixtral": {}, "qwen3moe": {"moe_intermediate_size": 64}}  # torch._grouped_mm, in graphs
 
 
+@torch.no_grad()
+def near_greedy(model, prompt: list[int], tokens: list[int], slack: float = 0.15) -> list[bool]:
+    """Per token: is its logprob under `model`, after the prompt and the tokens before it, within
+    `slack` of the most likely token's?"""
+    logits = model(torch.tensor([prompt + tokens], device="cuda")).logits[0, len(prompt) - 1:-1]
+    lp = logits.float().log_softmax(-1)
+    chosen = lp[torch.arange(len(tokens), device="cuda"), torch.tensor(tokens, device="cuda")]
+    return (chosen >= lp.max(-1).values - slack).tolist()
+
+
 @pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
 @pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
 def test_family_bf16_greedy_close_to_hf(tmp_path, family, kv_cache):
@@ -49,11 +59,24 @@ def test_family_bf16_greedy_close_to_hf(tmp_path, family, kv_cache):
     assert llm.engine.runner.graphs is not None and llm.engine.runner.backend.name == "triton"
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True,
                                                 logprobs=TOP))
+    hf32 = make_checkpoint(family, tmp_path / "fp32", **overrides).to("cuda")  # same seed: same weights
+    ours_ok, theirs_ok = [], []
     for prompt, out in zip(PROMPTS, outs):
         c = out.outputs[0]
-        ours_top = [{lp.token_id: lp.logprob for lp in step} for step in c.top_logprobs]
         theirs, theirs_top = hf_greedy_top(hf, prompt, NUM_TOKENS)
-        check_tokens_close(c.token_ids, ours_top, theirs, theirs_top)
+        if family not in MOE_FAMILIES:
+            ours_top = [{lp.token_id: lp.logprob for lp in step} for step in c.top_logprobs]
+            check_tokens_close(c.token_ids, ours_top, theirs, theirs_top)
+        ours_ok += near_greedy(hf32, prompt, c.token_ids)
+        theirs_ok += near_greedy(hf32, prompt, theirs)
+    # The referee is HF in float32, teacher-forced on each side's own tokens: our bf16 tokens are
+    # near-greedy under it as often as HF's bf16 tokens are. MoE families are held to this alone:
+    # routing is discontinuous, so where bf16 rounding flips a near-tied expert the two bf16
+    # paths part further than a near-tie of tokens (a wrong expert order or weighting would be
+    # near-greedy almost nowhere).
+    print(f"{family} {kv_cache}: near-greedy under HF fp32: ours {sum(ours_ok)} of {len(ours_ok)} "
+          f"tokens, HF bf16's {sum(theirs_ok)} of {len(theirs_ok)}")
+    assert sum(ours_ok) >= sum(theirs_ok) - 0.05 * len(ours_ok)
     llm.close()
 
 

@@ -108,8 +108,14 @@ class Scheduler:
             out.scheduled.append(self._schedule(req, n))
             budget -= n
         out.num_batched_tokens = self.max_num_batched_tokens - budget
+        # Prompt units are offered as their chunks are issued, so that requests arriving while
+        # this one runs find its prompt; the units its decode fills are offered when it finishes
+        # or is preempted (final): nothing but its own next turn could ask for them, and a
+        # decode step then costs no prefix-cache work (measured ~3 % of a batch-256 step on an
+        # H200 when every request filed each unit as it filled).
         for item in out.scheduled:
-            self._publish(item.request, out)
+            if item.start < len(item.request.prompt_token_ids):
+                self._publish(item.request, out)
         return out
 
     def _allocate(self, req: Request, num_tokens: int, out: SchedulerOutput,

@@ -3,9 +3,10 @@
 #   bash benchmarks/gpu_prefix.sh OUT_DIR tests     the GPU tests of sharing and prefix caching
 #   bash benchmarks/gpu_prefix.sh OUT_DIR shared    bench prefix, the 512 x (2048 shared + 128) workload
 #   bash benchmarks/gpu_prefix.sh OUT_DIR rest      bench prefix, multi-turn ShareGPT and nothing shared
+#   bash benchmarks/gpu_prefix.sh OUT_DIR none      bench prefix, nothing shared, caching off,on,off,on (its cost)
 # dummy Llama-3-8B, vattention (cross_layer) and paged (bs16), caching off then on, same flags.
 set -u
-out=${1:?output directory}; part=${2:?tests, shared or rest}
+out=${1:?output directory}; part=${2:?tests, shared, rest or none}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 engine="--model llama-3-8b --load-format dummy --device cuda --max-num-seqs 256 --max-num-batched-tokens 8192"
 case $part in
@@ -21,4 +22,8 @@ rest)
         --num-prompts 500 --dataset-path benchmarks/data/sharegpt_subset.json \
         --multi-turn-path benchmarks/data/sharegpt_multiturn_subset.json \
         --out "$out/prefix_multiturn_none_llama-3-8b_h200.json" ;;
+none)
+    python3 -m vattention bench prefix $engine --workloads none --num-prompts 500 \
+        --dataset-path benchmarks/data/sharegpt_subset.json --caching off,on,off,on \
+        --out "$out/prefix_none_llama-3-8b_h200_after.json" ;;
 esac

@@ -8,6 +8,10 @@ the next norm.
             ─ gate_up_proj ─ silu(gate) * up ─ down_proj ─ x, residual = add_norm(x, residual) )
       ─> hidden [T, hidden] (the last add_norm is the final norm);  compute_logits(rows) ─> [rows, vocab]
 
+The attention of a windowed layer (config.window(layer)) sees only its last `window` tokens; the
+MLP of an MoE layer (Mixtral, Qwen3-MoE: config.is_moe_layer) is moe.SparseMoE. Gemma 2 / 3
+reuse these modules with their own layer and norms (gemma.py).
+
 The norms, rope (with the step's K/V cache write) and silu * up are fused.py's functions: Triton
 kernels on CUDA, eager PyTorch elsewhere. q/k/v and gate/up are each one GEMM (MergedLinear): the
 loader stacks the checkpoint's q_proj/k_proj/v_proj and gate_proj/up_proj tensors into qkv_proj

@@ -203,7 +203,6 @@ class FlashBackend:
     (cu_seqlens_k = each slot's first row, seqused_k = its length)."""
 
     name = "flash"
-    softcap = False  # aten's FA2 entry point takes no soft-cap (select.py refuses such models)
 
     def __init__(self, scale: float):
         self.scale = scale

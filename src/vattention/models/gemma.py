@@ -75,16 +75,6 @@ class GemmaForCausalLM(LlamaForCausalLM):
             x, residual = layer(x, residual, positions, rope, cache, meta, backend)
         return self.model.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32; Gemma 2 soft-caps them in the activation dtype."""
-        logits = self.lm_head(hidden)
-        if self.comm is not None:
-            logits = self.comm.all_gather_last(logits)[:, :self.config.vocab_size]
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits.float()
-
 
 def model_class(cfg: ModelArchConfig) -> type[LlamaForCausalLM]:
     """The decoder class that runs an architecture."""

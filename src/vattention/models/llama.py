@@ -272,8 +272,12 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32 (every rank gets all of them)."""
+        """[N, hidden] -> [N, vocab] float32 (every rank gets all of them); with
+        final_logit_softcapping (Gemma 2) capped in the activation dtype first."""
         logits = self.lm_head(hidden)
         if self.comm is not None:
             logits = self.comm.all_gather_last(logits)[:, :self.config.vocab_size]  # drop the padding
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         return logits.float()

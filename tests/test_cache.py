@@ -32,6 +32,30 @@ def test_alloc_slot_returns_none_when_all_busy():
         assert cache.alloc_slot() == slots[2]
 
 
+def test_ensure_within_mapped_pages_only_counts_tokens(layout):
+    """The common decode-step call (the pages are there): nothing is mapped, the token count
+    (bytes_used) follows every call, up or down, and what the slow path refuses is still refused."""
+    with make_cache(spec=small_spec(layout), eager_cushion_groups=0) as cache:
+        a = cache.alloc_slot()
+        assert cache.ensure(a, 1)
+        backed = cache.layout.tokens_in(cache.layout.groups_for(1))
+        mappings = cache.driver.num_live_mappings
+        for n in (2, backed, 3, backed):
+            assert cache.ensure(a, n)
+            assert cache.stats().bytes_used == n * cache.spec.bytes_per_token
+            assert cache.driver.num_live_mappings == mappings
+        assert_balanced(cache)
+        assert cache.ensure(a, backed + 1) and cache.driver.num_live_mappings > mappings  # the slow path maps
+        with pytest.raises(TypeError, match="num_tokens must be an int"):
+            cache.ensure(a, True)
+        with pytest.raises(ValueError, match="outside"):
+            cache.ensure(a, cache.spec.max_seq_len + 1)
+        cache.free(a)
+        with pytest.raises(ValueError, match="not allocated"):
+            cache.ensure(a, 1)
+        assert_balanced(cache)
+
+
 def test_out_of_budget_returns_false_and_cache_stays_usable(layout):
     """A growth the budget cannot cover returns False, maps nothing, and smaller ones still work."""
     spec = small_spec(layout, max_seq_len=12000)

@@ -458,6 +458,20 @@ class VirtualKVCache:
     def ensure(self, slot: int, num_tokens: int) -> bool:
         """Make tokens [0, num_tokens) of `slot` backed by memory, mapping now if the background
         mapper has not. False (nothing changed) when the budget cannot cover it."""
+        if type(slot) is int and type(num_tokens) is int and not self.eager_cushion_groups:
+            # A decode step's common case, once per request per step: the pages are there
+            # already. Same checks and effects as below, without the calls (measured:
+            # benchmarks/diag_prefix_host_cost.py, the scheduler's host time per step).
+            with self._lock:
+                if 0 <= slot < len(self._slots) and 0 <= num_tokens <= self.spec.max_seq_len \
+                        and not (self._closed or self._stopping) and self._error is None:
+                    s = self._slots[slot]
+                    want = self.layout.groups_for(num_tokens)
+                    if s.busy and not s.inflight and want <= len(s.groups):
+                        if want > s.reserved_groups:
+                            s.reserved_groups = want
+                        self._totals.set_tokens(s, num_tokens)
+                        return True
         num_tokens = self._check_length(num_tokens)
         with self._lock:
             self._check_open()

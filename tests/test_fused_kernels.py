@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 on_cuda = os.environ.get("VATTENTION_TEST_DEVICE", "cpu").startswith("cuda")
 if on_cuda and not torch.cuda.is_available():
@@ -205,6 +206,37 @@ def test_silu_and_mul_matches_eager_and_float64(dtype, width):
     assert_close(out, gate * torch.sigmoid(gate) * up, TOLERANCE[dtype], f"kernel vs float64 {dtype}")
 
 
+# ---- the skinny GEMM (projections at decode batch sizes) ---------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k,split_k,block_k", [
+    (1, 64, 256, 1, 128),  # one row, whole tiles
+    (5, 72, 200, 1, 64),  # masked rows, columns and K tail
+    (16, 40, 384, 3, 64),  # a full row block, K split over three programs
+    (3, 33, 96, 4, 16),  # more splits than needed: empty ones are dropped
+])
+def test_skinny_linear_matches_float64(dtype, m, n, k, split_k, block_k):
+    torch.manual_seed(m * n + k)
+    x = rand(m, k, dtype=dtype, scale=2.0)
+    w = rand(n, k, dtype=dtype, scale=0.1)
+    out = fk.skinny_linear(x, w, block_n=16, block_k=block_k, split_k=split_k, num_stages=1)
+    assert out.dtype == dtype and out.shape == (m, n)
+    ref = x.double() @ w.double().T
+    assert_close(out, ref, TOLERANCE[dtype], f"skinny vs float64 {dtype}")
+    eager = F.linear(x.cpu().float(), w.cpu().float()).to(dtype)
+    assert_close(out.cpu(), eager, TOLERANCE[dtype], f"skinny vs eager {dtype}")
+
+
+def test_linear_dispatch_keeps_cpu_and_large_batches_on_f_linear():
+    """On CPU fused.linear is F.linear, bit for bit; the skinny path is CUDA's, for 16-bit decode
+    batches without a bias and up to SKINNY_MAX_ROWS rows."""
+    x, w, b = torch.randn(3, 32), torch.randn(24, 32), torch.randn(24)
+    assert torch.equal(fused.linear(x, w), F.linear(x, w))
+    assert torch.equal(fused.linear(x, w, b), F.linear(x, w, b))
+    big = torch.randn(fused.SKINNY_MAX_ROWS + 1, 32, dtype=torch.bfloat16)
+    assert fused._skinny_kernels(big, w.bfloat16()) is None
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: fk.rms_norm(rand(2, 8, dtype=torch.float16), rand(8, dtype=torch.float32), 1e-6), "weight must be"),
     (lambda: fk.rms_norm(rand(2, 8, dtype=torch.float16)[:, ::2], rand(4, dtype=torch.float16), 1e-6),
@@ -215,6 +247,11 @@ def test_silu_and_mul_matches_eager_and_float64(dtype, width):
                           torch.zeros(2, dtype=torch.long, device=DEVICE), torch.ones(16, device=DEVICE)),
      r"inv_freq must be float32 \[8\]"),
     (lambda: fk.silu_and_mul(rand(2, 7, dtype=torch.float16)), "even number of columns"),
+    (lambda: fk.skinny_linear(rand(65, 16, dtype=torch.float16), rand(8, 16, dtype=torch.float16)), "1..64 rows"),
+    (lambda: fk.skinny_linear(rand(2, 16, dtype=torch.float16), rand(8, 12, dtype=torch.float16)),
+     r"weight must be \[N, 16\]"),
+    (lambda: fk.skinny_linear(rand(2, 16, dtype=torch.float16), rand(8, 16, dtype=torch.float16), block_k=24),
+     "bad tiling"),
     (lambda: fk.rotary_qk(rand(2, 4, 16, dtype=torch.float16), rand(2, 2, 16, dtype=torch.float16),
                           torch.zeros(2, dtype=torch.long, device=DEVICE), torch.ones(8, device=DEVICE),
                           store=(rand(2, 2, 16, dtype=torch.float16), rand(9, 4, 16, dtype=torch.float16),
@@ -226,7 +263,7 @@ def test_silu_and_mul_matches_eager_and_float64(dtype, width):
                                  rand(9, 2, 16, dtype=torch.float16), torch.zeros(3, dtype=torch.long, device=DEVICE))),
      r"rows must be int32/int64 \[2\]"),
 ], ids=["weight-dtype", "strided-last-dim", "float-positions", "inv-freq-shape", "odd-gate-up",
-        "store-cache-heads", "store-rows-shape"])
+        "skinny-rows", "skinny-weight", "skinny-tiling", "store-cache-heads", "store-rows-shape"])
 def test_unsupported_inputs_raise_clearly(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -236,11 +273,15 @@ def test_unsupported_inputs_raise_clearly(call, match):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_model_through_the_kernels_gives_the_unfused_greedy_tokens(tmp_path, monkeypatch, family):
-    """float32: the fused model with every elementwise op in a Triton kernel (interpreted on CPU)
-    gives the unfused reference's greedy tokens, logprobs within 1e-4."""
+    """float32: the fused model with every elementwise op in a Triton kernel (interpreted on CPU),
+    and every bias-free projection of up to 16 rows (all of these prompts' decode steps) in the
+    skinny GEMM, gives the unfused reference's greedy tokens, logprobs within 1e-4."""
     from vattention.models.loader import load_model
     make_checkpoint(family, tmp_path)
     monkeypatch.setattr(fused, "_kernels", lambda x: fk)
+    monkeypatch.setattr(fused, "SKINNY_DTYPES", (torch.float32,))  # CUDA takes only 16-bit ones
+    calls = []
+    monkeypatch.setattr(fk, "skinny_linear", lambda *a, _f=fk.skinny_linear, **kw: calls.append(kw) or _f(*a, **kw))
     model = load_model(tmp_path, "safetensors", torch.device(DEVICE), torch.float32)
     prompts = [[5, 9, 13], list(range(20, 33)), [7]]
     got_tokens, got_logprobs = greedy(model, prompts, 4)
@@ -248,3 +289,4 @@ def test_model_through_the_kernels_gives_the_unfused_greedy_tokens(tmp_path, mon
     assert got_tokens == want_tokens
     diff = max(abs(a - b) for x, y in zip(got_logprobs, want_logprobs) for a, b in zip(x, y))
     assert diff < 1e-4, f"logprobs differ by up to {diff:.2e}"
+    assert len(calls) >= 3 * 4, "the skinny GEMM took no decode step's projections"

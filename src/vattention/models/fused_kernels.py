@@ -9,6 +9,11 @@ where the eager code makes a float32 copy, a reduction, casts and products as se
                          also writes its rotated heads and the same v heads to the token's cache
                          row (the step's K/V write, which was two index_copy kernels per layer)
     _silu_and_mul_kernel grid (T, ceil(I / BLOCK)): one program per token and block of columns
+    _skinny_gemm_kernel  grid (ceil(N / BLOCK_N), SPLIT_K): y = x @ W^T for a few rows of x
+                         (decode at small batches), computed as W @ x^T so the weight's rows fill
+                         the tensor cores' M side and the batch pads only their N side; with
+                         SPLIT_K > 1 each split writes float32 partials that _sum_splits_kernel
+                         adds in a fixed order (deterministic, unlike atomics)
 
 Every rounding the eager code makes is made here too, in the same order (a value computed in
 float32 and cast to the activation dtype wherever eager PyTorch would store it in that dtype),
@@ -27,6 +32,7 @@ from triton.language.extra import libdevice
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HIDDEN = 1 << 16  # the norm holds a whole row in registers
+SKINNY_SHARED_BYTES = 200 << 10  # the skinny GEMM's pipeline buffers (H100 / H200: 227 KiB an SM)
 
 
 @triton.jit
@@ -138,6 +144,49 @@ def _silu_and_mul_kernel(X, Out, stride_x, stride_o, WIDTH: tl.constexpr, BLOCK:
     tl.store(Out + row * stride_o + cols, (act * up.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _skinny_gemm_kernel(X, W, Out, M, N, K, k_per_split, stride_xm, stride_wn, stride_os, stride_om,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features: rows of W
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    in_n = rows < N
+    in_m = offs_m < M
+    w_ptr = W + rows.to(tl.int64)[:, None] * stride_wn
+    x_ptr = X + offs_m[None, :] * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    lo = split * k_per_split
+    for k0 in range(lo, tl.minimum(lo + k_per_split, K), BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            w_mask = in_n[:, None]
+            x_mask = in_m[None, :]
+        else:
+            w_mask = in_n[:, None] & (kk[None, :] < K)
+            x_mask = in_m[None, :] & (kk[:, None] < K)
+        w = tl.load(w_ptr + kk[None, :], mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K]
+        x = tl.load(x_ptr + kk[:, None], mask=x_mask, other=0.0)  # [BLOCK_K, BLOCK_M]
+        if UPCAST:  # the interpreter's bf16 dot multiplies raw bit patterns (see triton_decode)
+            acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(w, x, input_precision=PRECISION)
+    out = Out + split * stride_os + offs_m[None, :] * stride_om + rows[:, None]
+    tl.store(out, acc.to(Out.dtype.element_ty), mask=in_n[:, None] & in_m[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(Part, Out, N, num_splits, stride_ps, stride_pm, stride_om, BLOCK: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(num_splits):
+        acc += tl.load(Part + s * stride_ps + m * stride_pm + cols, mask=mask, other=0.0)
+    tl.store(Out + m * stride_om + cols, acc.to(Out.dtype.element_ty), mask=mask)
+
+
 _INTERPRETED = not isinstance(_rms_norm_kernel, triton.runtime.JITFunction)
 
 
@@ -247,6 +296,47 @@ def silu_and_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
     _silu_and_mul_kernel[(t, triton.cdiv(width, block))](
         gate_up, out, gate_up.stride(0), out.stride(0), WIDTH=width, BLOCK=block,
         num_warps=max(1, min(8, block // 256)))
+    return out
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, block_n: int = 64, block_k: int = 256,
+                  split_k: int = 1, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T -> [M, N] in x's dtype, for M <= 64 (decode batches), float32
+    accumulation. split_k > 1 splits K over that many programs per column block (their float32
+    partials summed in order by a second kernel). The knobs' defaults: the best tiling of
+    benchmarks/diag_decode_kernels.py on an H200 for most of Llama-3-8B's projections."""
+    _check(x, "x", 2)
+    _check(weight, "weight", 2)
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight must be [N, {k}] {x.dtype} on {x.device}, got {list(weight.shape)} "
+                         f"{weight.dtype} on {weight.device}")
+    if not 1 <= m <= 64:
+        raise ValueError(f"skinny_linear takes 1..64 rows, got {m}")
+    if split_k < 1 or block_k < 16 or block_k & (block_k - 1) or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"bad tiling: block_n={block_n}, block_k={block_k} (powers of 2 >= 16), "
+                         f"split_k={split_k} (>= 1)")
+    block_m = max(16, triton.next_power_of_2(m))
+    # Triton buffers num_stages - 1 tiles of W and x in shared memory: fewer stages for wide dtypes
+    tile_bytes = (block_n + block_m) * block_k * x.element_size()
+    num_stages = max(1, min(num_stages, 1 + SKINNY_SHARED_BYTES // tile_bytes))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)  # no empty splits
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    part = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    _skinny_gemm_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, weight, part, m, n, k, k_per_split, x.stride(0), weight.stride(0),
+        part.stride(0) if split_k > 1 else 0, part.stride(-2),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, PRECISION=precision, UPCAST=_INTERPRETED and x.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages)
+    if split_k > 1:
+        block = min(1024, triton.next_power_of_2(n))
+        _sum_splits_kernel[(m, triton.cdiv(n, block))](part, out, n, split_k, part.stride(0),
+                                                      part.stride(1), out.stride(0), BLOCK=block,
+                                                      num_warps=4)
     return out
 
 

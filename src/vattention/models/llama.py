@@ -13,7 +13,8 @@ MLP of an MoE layer (Mixtral, Qwen3-MoE: config.is_moe_layer) is moe.SparseMoE. 
 reuse these modules with their own layer and norms (gemma.py).
 
 The norms, rope (with the step's K/V cache write) and silu * up are fused.py's functions: Triton
-kernels on CUDA, eager PyTorch elsewhere. q/k/v and gate/up are each one GEMM (MergedLinear): the
+kernels on CUDA, eager PyTorch elsewhere; so is every projection (fused.linear: on CUDA, up to 16
+rows of a 16-bit model go through our skinny GEMM, more through cuBLAS). q/k/v and gate/up are each one GEMM (MergedLinear): the
 loader stacks the checkpoint's q_proj/k_proj/v_proj and gate_proj/up_proj tensors into qkv_proj
 and gate_up_proj (loader.py); every other module name matches Hugging Face checkpoints. Attention
 is delegated to a backend with the layer's KV cache and the step's metadata.
@@ -38,7 +39,7 @@ from torch import nn
 from ..attention import AttentionMetadata, LayerKV
 from .config import ModelArchConfig
 from .moe import SparseMoE
-from .fused import (add_rms_norm, gelu_tanh_and_mul, gemma_rms_norm, rms_norm, rotary_cos_sin,
+from .fused import (add_rms_norm, gelu_tanh_and_mul, gemma_rms_norm, linear, rms_norm, rotary_cos_sin,
                     rotary_qk_store, silu_and_mul)
 from .sharding import Shard
 
@@ -61,8 +62,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x):
         if self.comm is None:
-            return super().forward(x)
-        y = self.comm.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = self.comm.all_reduce(linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
 
@@ -91,6 +92,9 @@ class MergedLinear(nn.Linear):
         super().__init__(in_features, sum(parts.values()), bias=bias)
         self.parts = parts  # checkpoint module name -> this rank's rows, e.g. {"q_proj": 512, ...}
         self.sizes = list(parts.values())
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -274,7 +278,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 (every rank gets all of them); with
         final_logit_softcapping (Gemma 2) capped in the activation dtype first."""
-        logits = self.lm_head(hidden)
+        logits = linear(hidden, self.lm_head.weight)
         if self.comm is not None:
             logits = self.comm.all_gather_last(logits)[:, :self.config.vocab_size]  # drop the padding
         cap = self.config.final_logit_softcapping

@@ -100,6 +100,25 @@ def test_rms_norm_matches_eager_and_float64(dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["alone", "with-residual"])
+def test_gemma_rms_norm_matches_eager_and_float64(dtype, residual):
+    """Gemma's (1 + w) * x / rms(x), float32 throughout: kernel = eager = float64 reference;
+    with a residual, the sum is written in place first, as in the Llama norm."""
+    torch.manual_seed(2)
+    x, weight = rand(5, 100, dtype=dtype, scale=3.0), rand(100, dtype=dtype, scale=0.3)
+    res = rand(5, 100, dtype=dtype) if residual else None
+    eager_res = res.cpu().clone() if residual else None
+    out = fk.rms_norm(x, weight, 1e-6, residual=res, gemma=True)
+    eager = fused.gemma_rms_norm(x.cpu(), weight.cpu(), 1e-6, eager_res)
+    assert_close(out.cpu(), eager, TOLERANCE[dtype], f"kernel vs eager {dtype}")
+    stream = res if residual else x
+    if residual:
+        assert_close(res.cpu(), eager_res, TOLERANCE[dtype], f"residual kernel vs eager {dtype}")
+    assert_close(out, rms_norm_float64(stream, weight.double() + 1, 1e-6), TOLERANCE[dtype],
+                 f"kernel vs float64 {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_add_rms_norm_adds_in_place_and_normalizes_the_sum(dtype):
     """residual += x in place (rounded to the dtype, as torch's add), then the sum normalized:
     kernel = eager = float64 reference, on a strided x (rows of a wider buffer)."""
@@ -206,6 +225,19 @@ def test_silu_and_mul_matches_eager_and_float64(dtype, width):
     assert_close(out, gate * torch.sigmoid(gate) * up, TOLERANCE[dtype], f"kernel vs float64 {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gelu_tanh_and_mul_matches_eager_and_float64(dtype):
+    """Gemma's GeGLU through the same kernel: gelu_tanh(gate) * up."""
+    torch.manual_seed(3)
+    gate_up = rand(3, 2 * 1500, dtype=dtype, scale=4.0)
+    out = fk.silu_and_mul(gate_up, gelu=True)
+    eager = fused.gelu_tanh_and_mul(gate_up.cpu())
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    want = 0.5 * gate * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate ** 3))) * up
+    assert_close(out.cpu(), eager, TOLERANCE[dtype], f"kernel vs eager {dtype}")
+    assert_close(out, want, TOLERANCE[dtype], f"kernel vs float64 {dtype}")
+
+
 # ---- the skinny GEMM (projections at decode batch sizes) ---------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -290,3 +322,21 @@ def test_model_through_the_kernels_gives_the_unfused_greedy_tokens(tmp_path, mon
     diff = max(abs(a - b) for x, y in zip(got_logprobs, want_logprobs) for a, b in zip(x, y))
     assert diff < 1e-4, f"logprobs differ by up to {diff:.2e}"
     assert len(calls) >= 3 * 4, "the skinny GEMM took no decode step's projections"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_through_the_kernels_gives_the_eager_greedy_tokens(tmp_path, monkeypatch, family):
+    """float32: Gemma with its norms, GeGLU and rope in the Triton kernels (interpreted on CPU)
+    gives the eager model's greedy tokens (which equal HF's: test_engine.py), logprobs within 1e-4."""
+    from vattention.models.loader import load_model
+    make_checkpoint(family, tmp_path)
+    prompts = [[5, 9, 13], list(range(20, 33)), [7]]
+    monkeypatch.setattr(fused, "_kernels", lambda x: None)  # eager, on CUDA too
+    want_tokens, want_logprobs = greedy(load_model(tmp_path, "safetensors", torch.device(DEVICE), torch.float32),
+                                        prompts, 4)
+    monkeypatch.setattr(fused, "_kernels", lambda x: fk)
+    model = load_model(tmp_path, "safetensors", torch.device(DEVICE), torch.float32)
+    got_tokens, got_logprobs = greedy(model, prompts, 4)
+    assert got_tokens == want_tokens
+    diff = max(abs(a - b) for x, y in zip(got_logprobs, want_logprobs) for a, b in zip(x, y))
+    assert diff < 1e-4, f"logprobs differ by up to {diff:.2e}"

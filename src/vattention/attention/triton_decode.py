@@ -96,8 +96,8 @@ def _split_kernel(Q, K, V, KvStarts, BlockTables, SeqLens, OutPart, LsePart, sca
             v_off = row * stride_vr
         k = tl.load(k_head + k_off[:, None], mask=valid[:, None] & in_dim[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # [BLOCK_G, BLOCK_N]
-        if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
-            s = softcap - 2.0 * softcap / (tl.exp(2.0 * s / softcap) + 1.0)
+        if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1), x clamped where tanh is 1
+            s = softcap - 2.0 * softcap / (tl.exp(tl.minimum(2.0 * s / softcap, 30.0)) + 1.0)
         s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))  # log2 units
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)

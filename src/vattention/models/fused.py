@@ -12,7 +12,8 @@ pass over memory. Each function dispatches on its input's device.
                                            caches at rows (the step's K/V write, same pass)
     silu_and_mul(gate_up)               -> silu(gate) * up        gate_up = [gate | up] columns
     linear(x, w, b)                     -> F.linear(x, w, b)       (CUDA, <= 16 rows: skinny GEMM)
-    gelu_tanh_and_mul, gemma_rms_norm   Gemma's GeGLU and norm: eager on every device
+    gelu_tanh_and_mul, gemma_rms_norm   Gemma's GeGLU and norm (1 + w, float32 throughout), the
+                                           same kernels with a flag
 
 The eager versions are the decoder's arithmetic before fusion (float32 inside the norm, output
 in the input dtype; cos/sin in float32 cast to the activation dtype), which the tests keep as the
@@ -146,15 +147,24 @@ def _skinny_tiling(weight: torch.Tensor) -> dict:
 
 
 def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """GeGLU (Gemma): gelu_tanh(gate_up[:, :I]) * gate_up[:, I:]. Eager on every device."""
+    """GeGLU (Gemma): gelu_tanh(gate_up[:, :I]) * gate_up[:, I:]."""
+    kernels = _kernels(gate_up)
+    if kernels is not None:
+        return kernels.silu_and_mul(gate_up, gelu=True)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
 
 
-def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
     """Gemma's norm: x / rms(x) * (1 + weight), all in float32 and cast once at the end (where
-    the Llama norm casts before its weight). Eager on every device: Gemma is not this
-    codebase's tuned family."""
+    the Llama norm casts before its weight); with a residual, residual += x first (in place)
+    and the sum is normalized, as add_rms_norm."""
+    kernels = _kernels(x)
+    if kernels is not None:
+        return kernels.rms_norm(x, weight, eps, residual=residual, gemma=True)
+    if residual is not None:
+        x = residual.add_(x)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * (1.0 + weight.float())).to(x.dtype)

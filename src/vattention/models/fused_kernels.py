@@ -37,7 +37,8 @@ SKINNY_SHARED_BYTES = 200 << 10  # the skinny GEMM's pipeline buffers (H100 / H2
 
 @triton.jit
 def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, eps,
-                     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     GEMMA: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -48,9 +49,13 @@ def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, eps
         tl.store(r_ptr, x, mask=mask)
     xf = x.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
-    normed = (xf * inv_rms).to(X.dtype.element_ty)  # eager: xf.to(x.dtype) before the weight
     w = tl.load(Weight + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + row * stride_o + cols, (w * normed.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+    if GEMMA:  # x / rms(x) * (1 + w), all in float32, cast once
+        out = xf * inv_rms * (1.0 + w)
+    else:
+        normed = (xf * inv_rms).to(X.dtype.element_ty)  # eager: xf.to(x.dtype) before the weight
+        out = w * normed.to(tl.float32)
+    tl.store(Out + row * stride_o + cols, out.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -133,14 +138,21 @@ def _rotary_kernel(Q, K, V, QOut, KOut, KCache, VCache, Rows, Positions, InvFreq
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, stride_x, stride_o, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+                         GELU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < WIDTH
     gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(X + row * stride_x + WIDTH + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
-    act = _round(g / (1.0 + tl.exp(-g)), gate.dtype)  # F.silu, stored in the activation dtype
+    if GELU:  # F.gelu(approximate="tanh"): 0.5 g (1 + tanh(y)), y = sqrt(2 / pi) (g + 0.044715 g^3),
+        # with 1 + tanh(y) = 2 - 2 / (exp(2y) + 1) (the interpreter has no libdevice tanh); past
+        # y = 15 tanh is 1 in float32, and the clamp keeps exp finite
+        y = tl.minimum(0.7978845608028654 * (g + 0.044715 * g * g * g), 15.0)
+        act = _round(0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)), gate.dtype)
+    else:  # F.silu, stored in the activation dtype
+        act = _round(g / (1.0 + tl.exp(-g)), gate.dtype)
     tl.store(Out + row * stride_o + cols, (act * up.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
 
 
@@ -191,9 +203,9 @@ _INTERPRETED = not isinstance(_rms_norm_kernel, triton.runtime.JITFunction)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None, gemma: bool = False) -> torch.Tensor:
     """x [T, hidden] -> weight * rmsnorm(x) [T, hidden]; with a residual, residual += x first
-    (in place) and the sum is normalized."""
+    (in place) and the sum is normalized. gemma: Gemma's norm, (1 + weight) * rmsnorm(x)."""
     _check(x, "x", 2)
     hidden = x.shape[1]
     if weight.shape != (hidden,) or weight.dtype != x.dtype or weight.device != x.device:
@@ -212,7 +224,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     res = x if residual is None else residual  # never read without HAS_RESIDUAL
     _rms_norm_kernel[(x.shape[0],)](
         x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), eps,
-        HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
+        HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None, GEMMA=gemma,
         num_warps=min(16, max(1, block // 256)))
     return out
 
@@ -282,8 +294,9 @@ def _check_store(k, v, k_cache, v_cache, rows) -> None:
                          f"{list(rows.shape)} on {rows.device}")
 
 
-def silu_and_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """gate_up [T, 2 * I] (gate columns, then up columns) -> silu(gate) * up [T, I]."""
+def silu_and_mul(gate_up: torch.Tensor, block: int = 1024, gelu: bool = False) -> torch.Tensor:
+    """gate_up [T, 2 * I] (gate columns, then up columns) -> silu(gate) * up [T, I]; with
+    gelu, gelu_tanh(gate) * up (Gemma's GeGLU)."""
     _check(gate_up, "gate_up", 2)
     t, double_width = gate_up.shape
     if double_width % 2:
@@ -294,7 +307,7 @@ def silu_and_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
         return out
     block = min(block, triton.next_power_of_2(width))
     _silu_and_mul_kernel[(t, triton.cdiv(width, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), WIDTH=width, BLOCK=block,
+        gate_up, out, gate_up.stride(0), out.stride(0), WIDTH=width, BLOCK=block, GELU=gelu,
         num_warps=max(1, min(8, block // 256)))
     return out
 

@@ -6,7 +6,8 @@ config field (config.py) so checkpoints load under Hugging Face's module names u
             ─ pre_feedforward_layernorm ─ gelu_tanh(gate) * up ─ post_feedforward_layernorm ─ + residual )
       ─ norm ─ lm_head (tied) ─ [Gemma 2: cap * tanh(logits / cap)]
 
-  norms        x / rms(x) * (1 + w), in float32 (GemmaRMSNorm); four per layer ("sandwich")
+  norms        x / rms(x) * (1 + w), in float32 (GemmaRMSNorm); four per layer ("sandwich");
+               on CUDA the Llama norm's Triton kernel with its GEMMA flag, GeGLU the SiLU one's GELU
   attention    scale query_pre_attn_scalar ** -0.5; Gemma 3 q/k norms per head; Gemma 2 scores
                soft-capped; windowed layers (Gemma 2: every other, Gemma 3: five of six) attend
                to their last sliding_window tokens, the others to all of them

@@ -117,10 +117,9 @@ class GemmaRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is not None:
-            residual.add_(x)
-            x = residual
-        return gemma_rms_norm(x, self.weight, self.eps), x
+        if residual is None:
+            return gemma_rms_norm(x, self.weight, self.eps), x
+        return gemma_rms_norm(x, self.weight, self.eps, residual), residual
 
 
 def norm_class(cfg: ModelArchConfig) -> type[RMSNorm]:

@@ -68,11 +68,18 @@ def main() -> None:
     ap.add_argument("--caching", default="off,on")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--spread-outputs", action="store_true",
+                    help="output lengths 16-256 (seeded) instead of 96 each, so requests finish at "
+                         "different steps and new ones are admitted meanwhile, as in ShareGPT")
+    ap.add_argument("--num-prompts", type=int, default=256)
     args = ap.parse_args()
     write_model(args.model_dir)
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 5000) for _ in range(rng.randrange(200, 600))] for _ in range(256)]
-    params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    prompts = [[rng.randrange(3, 5000) for _ in range(rng.randrange(200, 600))] for _ in range(args.num_prompts)]
+    if args.spread_outputs:
+        params = [SamplingParams(temperature=0, max_tokens=rng.randrange(16, 257), ignore_eos=True) for _ in prompts]
+    else:
+        params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
     runs = [(kv, c == "on") for kv in args.kv_caches.split(",") for c in args.caching.split(",")]
     profiles = {run: cProfile.Profile() for run in runs} if args.profile else {}
     for _ in range(args.repeats):

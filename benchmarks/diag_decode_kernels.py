@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from vattention.attention import triton_decode
+from vattention.engine.graphs import capture_graph
 from vattention.models import fused_kernels
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4096, 32, 8, 128, 32
@@ -37,16 +38,12 @@ GEMMS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down
 
 def graph_time(calls: list, replays: int = 10) -> float:
     """Median ms per call of one CUDA graph that runs `calls` (argless callables) in order."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls[:2]:
-            c()  # warm-up: Triton compiles, cuBLAS picks its kernel
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
+    def body():
+        for c in calls[:-1]:
             c()
+        return calls[-1]()
+
+    graph, _ = capture_graph(body)
     graph.replay()
     times = []
     for _ in range(replays):

@@ -14,12 +14,7 @@
 #       default_model_dir as d; print(d())')"/{config,generation_config,tokenizer,tokenizer_config}.json .carry/smollm2-tokenizer/
 # then run it through the device tool with carry [".carry"].
 set -u
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-if ls .carry/xgrammar-*.whl >/dev/null 2>&1; then
-    pip install -q --no-deps --target /tmp/xgrammar .carry/*.whl 2>&1 | grep -v "as the 'root' user"
-    export PYTHONPATH=$PYTHONPATH:/tmp/xgrammar
-fi
-[ -d .carry/smollm2-tokenizer ] && export VATTENTION_GPU_TOKENIZER_DIR=$PWD/.carry/smollm2-tokenizer
+. benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 python3 -m pytest -q -s -p no:cacheprovider -rs tests/gpu/test_families_gpu.py "$@" 2>&1 | tr '\r' '\n' | grep -v "Processed prompts\|Writing model shards\|^\s*$"

@@ -24,12 +24,7 @@ if [ "$WHAT" = bench ]; then
             "$OUT/latency_llama-3-8b_h200_skinny_$side.txt"
     done
 else
-    export PYTHONPATH=$PWD/src
-    if ls .carry/xgrammar-*.whl >/dev/null 2>&1; then
-        pip install -q --no-deps --target /tmp/xgrammar .carry/*.whl 2>&1 | grep -v "as the 'root' user"
-        export PYTHONPATH=$PYTHONPATH:/tmp/xgrammar
-    fi
-    [ -d .carry/smollm2-tokenizer ] && export VATTENTION_GPU_TOKENIZER_DIR=$PWD/.carry/smollm2-tokenizer
+    . benchmarks/gpu_env.sh
     VATTENTION_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -rs tests/test_fused_kernels.py \
         tests/test_triton_kernels.py tests/gpu/test_engine_gpu.py tests/gpu/test_decode_graphs_gpu.py \
         tests/gpu/test_families_gpu.py 2>&1 | tr '\r' '\n' | grep -v "Processed prompts\|Writing model shards\|^\s*$" \

@@ -14,8 +14,8 @@ reuse these modules with their own layer and norms (gemma.py).
 
 The norms, rope (with the step's K/V cache write) and silu * up are fused.py's functions: Triton
 kernels on CUDA, eager PyTorch elsewhere; so is every projection (fused.linear: on CUDA, up to 16
-rows of a 16-bit model go through our skinny GEMM, more through cuBLAS). q/k/v and gate/up are each one GEMM (MergedLinear): the
-loader stacks the checkpoint's q_proj/k_proj/v_proj and gate_proj/up_proj tensors into qkv_proj
+rows of a 16-bit model go through our skinny GEMM, more through cuBLAS). q/k/v and gate/up are
+each one GEMM (MergedLinear): the loader stacks the checkpoint's q_proj/k_proj/v_proj and gate_proj/up_proj tensors into qkv_proj
 and gate_up_proj (loader.py); every other module name matches Hugging Face checkpoints. Attention
 is delegated to a backend with the layer's KV cache and the step's metadata.
 
